@@ -1,0 +1,7 @@
+# Source me (bash): `source scripts/env.sh`. Paths made by scripts/setup.sh.
+: "${ASR_CACHE:=$HOME/.cache/asr-lora}"
+export ASR_CACHE
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO/.venv"
+export PATH="$VENV/bin:$PATH"
+export ASR_ASSETS="$REPO/assets"

