@@ -71,6 +71,9 @@ print("[setup] torch", torch.__version__, "| transformers", transformers.__versi
     SUMMARY+=("venv:   built   $VENV_DIR")
 fi
 link "$VENV_DIR" "$REPO/.venv"
+# A fixed path to the wheel's libtorch (include/ + lib/), for tch's torch-sys (LIBTORCH in
+# .cargo/config.toml) and the binaries' rpath (shared/build-support).
+[ -e "$VENV_DIR/libtorch" ] || ln -sfn "$("$PY" -c 'import os, torch; print(os.path.dirname(torch.__file__))')" "$VENV_DIR/libtorch"
 
 # --- 3. Assets -----------------------------------------------------------------------------
 ASSETS_KEY=$({ cat scripts/data-requirements.txt scripts/make_corpus.py

@@ -4,7 +4,7 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum AudioError {
-    #[error("sample_rate_hz must be between 1 and {max} Hz, got {got}")]
+    #[error("sample_rate_hz must be between 1000 and {max} Hz, got {got}")]
     InvalidSampleRate { got: u32, max: u32 },
     #[error("channels must be between 1 and {max}, got {got}")]
     InvalidChannels { got: u32, max: u32 },

@@ -3,7 +3,8 @@
 
 use crate::AudioError;
 
-/// Highest raw PCM sample rate accepted (covers 384 kHz studio audio).
+/// Lowest and highest raw PCM sample rates accepted.
+pub const MIN_SAMPLE_RATE: u32 = 1_000;
 pub const MAX_SAMPLE_RATE: u32 = 384_000;
 /// Highest channel count accepted for raw PCM.
 pub const MAX_CHANNELS: u32 = 32;
@@ -39,7 +40,7 @@ impl PcmSpec {
         sample_rate: u32,
         channels: u32,
     ) -> Result<Self, AudioError> {
-        if sample_rate == 0 || sample_rate > MAX_SAMPLE_RATE {
+        if !(MIN_SAMPLE_RATE..=MAX_SAMPLE_RATE).contains(&sample_rate) {
             return Err(AudioError::InvalidSampleRate {
                 got: sample_rate,
                 max: MAX_SAMPLE_RATE,

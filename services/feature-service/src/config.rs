@@ -1,0 +1,59 @@
+//! Limits and defaults of a feature service replica.
+
+use clap::Args;
+
+/// Limits and defaults; every field is a flag with an environment variable.
+#[derive(Debug, Clone, Args)]
+pub struct FeatureServiceConfig {
+    /// Longest audio accepted per stream, in seconds; longer streams end with
+    /// RESOURCE_EXHAUSTED as soon as the limit is crossed.
+    #[arg(long, env = "ASR_MAX_AUDIO_SECONDS", default_value_t = 4.0 * 3600.0)]
+    pub max_audio_seconds: f64,
+    /// Streams served at once by this replica; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ASR_MAX_CONCURRENT_STREAMS", default_value_t = 64)]
+    pub max_concurrent_streams: usize,
+    /// Frames per MelFrames message when the client does not choose (100 = 1 s of audio).
+    #[arg(long, env = "ASR_FRAMES_PER_MESSAGE", default_value_t = 100)]
+    pub default_frames_per_message: usize,
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "ASR_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// Address of the model service that Transcribe and Ingest relay to.
+    #[arg(long, env = "ASR_MODEL_SERVICE")]
+    pub model_service: Option<String>,
+}
+
+impl Default for FeatureServiceConfig {
+    fn default() -> Self {
+        Self {
+            max_audio_seconds: 4.0 * 3600.0,
+            max_concurrent_streams: 64,
+            default_frames_per_message: 100,
+            max_message_bytes: 4 * 1024 * 1024,
+            model_service: None,
+        }
+    }
+}
+
+impl FeatureServiceConfig {
+    /// Checks the values a flag can get wrong.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.max_audio_seconds.is_finite() && self.max_audio_seconds > 0.0,
+            "--max-audio-seconds must be positive"
+        );
+        anyhow::ensure!(
+            self.max_concurrent_streams > 0,
+            "--max-concurrent-streams must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=asr_audio::WINDOW_FRAMES).contains(&self.default_frames_per_message),
+            "--frames-per-message must be 1..=3000"
+        );
+        anyhow::ensure!(
+            self.max_message_bytes >= 1024,
+            "--max-message-bytes must be at least 1024"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,179 @@
+//! The FeatureService gRPC server, with grpc.health.v1 and server reflection.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use asr_audio::{FeaturePipeline, MelConfig, PipelineConfig};
+use asr_proto::v1 as pb;
+use futures::Stream;
+use pb::feature_service_server::{FeatureService, FeatureServiceServer};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::config::FeatureServiceConfig;
+use crate::convert::ExtractSpec;
+use crate::error::FeatureError;
+use crate::extract;
+use crate::reader::AbortSlot;
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The service implementation; cheap to clone.
+#[derive(Clone)]
+pub struct FeatureServer {
+    config: Arc<FeatureServiceConfig>,
+    streams: Arc<Semaphore>,
+    /// One pipeline (and mel filter bank) per supported mel count.
+    pipelines: Arc<[(usize, FeaturePipeline); 2]>,
+}
+
+impl FeatureServer {
+    pub fn new(config: FeatureServiceConfig) -> anyhow::Result<Self> {
+        config.validate()?;
+        let pipeline = |n_mels: u32| -> anyhow::Result<(usize, FeaturePipeline)> {
+            let mel = MelConfig::new(n_mels)?;
+            let config = PipelineConfig {
+                mel,
+                max_audio_seconds: config.max_audio_seconds,
+            };
+            Ok((mel.n_mels, FeaturePipeline::new(config)))
+        };
+        Ok(Self {
+            streams: Arc::new(Semaphore::new(config.max_concurrent_streams)),
+            pipelines: Arc::new([pipeline(80)?, pipeline(128)?]),
+            config: Arc::new(config),
+        })
+    }
+
+    fn pipeline(&self, mel: MelConfig) -> FeaturePipeline {
+        let (_, pipeline) = self
+            .pipelines
+            .iter()
+            .find(|(n, _)| *n == mel.n_mels)
+            .unwrap_or(&self.pipelines[0]);
+        pipeline.clone()
+    }
+
+    /// The tonic service, with this replica's message size limit.
+    pub fn into_service(self) -> FeatureServiceServer<Self> {
+        let limit = self.config.max_message_bytes;
+        FeatureServiceServer::new(self)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit)
+    }
+}
+
+#[tonic::async_trait]
+impl FeatureService for FeatureServer {
+    type ExtractStream = ResponseStream<pb::ExtractResponse>;
+    type TranscribeStream = ResponseStream<pb::TranscribeResponse>;
+
+    #[tracing::instrument(name = "Extract", skip_all, fields(remote = ?request.remote_addr()))]
+    async fn extract(
+        &self,
+        request: Request<Streaming<pb::ExtractRequest>>,
+    ) -> Result<Response<Self::ExtractStream>, Status> {
+        let permit =
+            self.streams
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| FeatureError::TooManyStreams {
+                    limit: self.config.max_concurrent_streams,
+                })?;
+        let mut inbound = request.into_inner();
+        let config = extract::read_config(&mut inbound).await?;
+        let spec = ExtractSpec::from_proto(config, &self.config)?;
+        tracing::debug!(?spec, "extract started");
+        let (chunks_tx, chunks_rx) = extract::channel();
+        let abort = AbortSlot::default();
+        tokio::spawn(
+            extract::forward_audio(inbound, chunks_tx, spec.layout, abort.clone())
+                .in_current_span(),
+        );
+        let (responses_tx, responses_rx) = mpsc::channel(extract::OUTBOUND_MESSAGES);
+        let pipeline = self.pipeline(spec.mel);
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            extract::run_pipeline(pipeline, spec, chunks_rx, abort, responses_tx, permit);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(responses_rx))))
+    }
+
+    async fn transcribe(
+        &self,
+        _request: Request<Streaming<pb::TranscribeAudioRequest>>,
+    ) -> Result<Response<Self::TranscribeStream>, Status> {
+        Err(FeatureError::NotImplemented("Transcribe (relay to the model service)").into())
+    }
+
+    async fn ingest(
+        &self,
+        _request: Request<Streaming<pb::IngestAudioRequest>>,
+    ) -> Result<Response<pb::IngestResponse>, Status> {
+        Err(FeatureError::NotImplemented("Ingest (relay to the model service)").into())
+    }
+
+    async fn get_info(
+        &self,
+        _request: Request<pb::GetInfoRequest>,
+    ) -> Result<Response<pb::FeatureServiceInfo>, Status> {
+        let config = &self.config;
+        Ok(Response::new(pb::FeatureServiceInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            model_service_address: config.model_service.clone().unwrap_or_default(),
+            supported_containers: [
+                pb::Container::Wav,
+                pb::Container::Flac,
+                pb::Container::Mp3,
+                pb::Container::Ogg,
+                pb::Container::Mp4,
+                pb::Container::Mkv,
+                pb::Container::Aiff,
+            ]
+            .into_iter()
+            .map(|c| c as i32)
+            .collect(),
+            supported_sample_formats: vec![
+                pb::SampleFormat::S16le as i32,
+                pb::SampleFormat::F32le as i32,
+            ],
+            supported_n_mels: vec![80, 128],
+            limits: Some(pb::FeatureLimits {
+                max_audio_seconds: config.max_audio_seconds,
+                max_message_bytes: config.max_message_bytes as u64,
+                default_frames_per_message: config.default_frames_per_message as u32,
+                max_concurrent_streams: config.max_concurrent_streams as u32,
+            }),
+        }))
+    }
+}
+
+/// Serves the feature service (plus health and reflection) on `listener` until `shutdown`
+/// completes; in-flight streams are allowed to finish.
+pub async fn serve(
+    listener: TcpListener,
+    config: FeatureServiceConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let server = FeatureServer::new(config)?;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<FeatureServiceServer<FeatureServer>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(asr_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(server.into_service())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
