@@ -25,30 +25,7 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = asr_telemetry::init("feature-service", &args.telemetry)?;
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     tracing::info!(address = %listener.local_addr()?, "feature service listening");
-    feature_service::serve(listener, args.service, shutdown_signal()).await?;
+    feature_service::serve(listener, args.service, asr_telemetry::shutdown_signal()).await?;
     tracing::info!("feature service stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(err) => {
-                    tracing::warn!(%err, "cannot listen for SIGTERM; stopping on Ctrl-C only");
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutdown requested; finishing in-flight streams");
 }

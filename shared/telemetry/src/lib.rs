@@ -1,4 +1,5 @@
-//! Logging (tracing) and, when an OTLP endpoint is configured, OpenTelemetry trace export.
+//! Service plumbing: logging (tracing), OpenTelemetry trace export when an OTLP endpoint is
+//! configured, and the shutdown signal.
 //!
 //! Every service calls [`init`] once with its [`TelemetryArgs`] (flattened into its clap
 //! arguments); the returned guard flushes pending spans when dropped.
@@ -94,4 +95,27 @@ pub fn init(service_name: &'static str, args: &TelemetryArgs) -> anyhow::Result<
         tracing::info!(%endpoint, "exporting traces over OTLP");
     }
     Ok(TelemetryGuard { provider })
+}
+
+/// Completes on Ctrl-C or SIGTERM, the signals a terminal and an orchestrator send.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(err) => {
+                tracing::warn!(%err, "cannot listen for SIGTERM; stopping on Ctrl-C only");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown requested; finishing in-flight requests");
 }

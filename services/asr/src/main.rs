@@ -1,0 +1,42 @@
+//! `asr`: the controller CLI.
+
+mod bench;
+mod features;
+mod features_remote;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "asr",
+    version,
+    about = "Whisper + LoRA: features, transcription, datasets and training"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compute Whisper's normalised log-mel windows of an audio file, locally or through a
+    /// feature service, and write them as float32 .npy of shape [windows, n_mels, 3000].
+    Features(features::FeaturesArgs),
+    /// Benchmarks against the reference implementations.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Features(args) => features::run(args),
+        Command::Bench(command) => bench::run(command),
+    }
+}

@@ -1,0 +1,60 @@
+//! Model service settings: every field is a flag with an environment variable.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+/// Weight and compute precision of the base model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Precision {
+    /// int8 weights with per-channel scales, int8 GEMMs (bitsandbytes' load_in_8bit).
+    Int8,
+    Fp32,
+    /// CUDA only.
+    Fp16,
+    /// CUDA only.
+    Bf16,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelServiceConfig {
+    /// HF-layout Whisper directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, env = "ASR_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Base model precision.
+    #[arg(long, env = "ASR_PRECISION", value_enum, default_value_t = Precision::Int8)]
+    pub precision: Precision,
+    /// Where datasets, training jobs, checkpoints and adapters live.
+    #[arg(long, env = "ASR_DATA_ROOT", default_value = "data")]
+    pub data_root: PathBuf,
+    /// Compute device: "auto" (CUDA when present), "cpu" or "cuda:N".
+    #[arg(long, env = "ASR_DEVICE", default_value = "auto")]
+    pub device: String,
+    /// Windows waiting for the model, across all streams; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ASR_QUEUE_CAPACITY", default_value_t = 64)]
+    pub queue_capacity: usize,
+    /// Transcribe streams served at once.
+    #[arg(long, env = "ASR_MAX_CONCURRENT_STREAMS", default_value_t = 32)]
+    pub max_concurrent_streams: usize,
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "ASR_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// Longest audio per Transcribe stream, in seconds.
+    #[arg(long, env = "ASR_MAX_AUDIO_SECONDS", default_value_t = 4.0 * 3600.0)]
+    pub max_audio_seconds: f64,
+}
+
+impl Default for ModelServiceConfig {
+    fn default() -> Self {
+        Self {
+            model: None,
+            precision: Precision::Int8,
+            data_root: PathBuf::from("data"),
+            device: "auto".into(),
+            queue_capacity: 64,
+            max_concurrent_streams: 32,
+            max_message_bytes: 4 * 1024 * 1024,
+            max_audio_seconds: 4.0 * 3600.0,
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! `model-service`: Whisper + LoRA on libtorch over gRPC.
+
+use clap::Parser;
+use model_service::ModelServiceConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "model-service",
+    version,
+    about = "Whisper + LoRA model service"
+)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "ASR_LISTEN", default_value = "127.0.0.1:50052")]
+    listen: String,
+    #[command(flatten)]
+    service: ModelServiceConfig,
+    #[command(flatten)]
+    telemetry: asr_telemetry::TelemetryArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _telemetry = asr_telemetry::init("model-service", &args.telemetry)?;
+    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    tracing::info!(address = %listener.local_addr()?, "model service listening");
+    model_service::serve(listener, args.service, asr_telemetry::shutdown_signal()).await?;
+    tracing::info!("model service stopped");
+    Ok(())
+}
