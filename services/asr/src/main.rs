@@ -3,6 +3,7 @@
 mod bench;
 mod features;
 mod features_remote;
+mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +23,8 @@ enum Command {
     /// Compute Whisper's normalised log-mel windows of an audio file, locally or through a
     /// feature service, and write them as float32 .npy of shape [windows, n_mels, 3000].
     Features(features::FeaturesArgs),
+    /// Health and description of the running feature and model services.
+    Status(status::StatusArgs),
     /// Benchmarks against the reference implementations.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -37,6 +40,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Features(args) => features::run(args),
+        Command::Status(args) => status::run(args),
         Command::Bench(command) => bench::run(command),
     }
 }

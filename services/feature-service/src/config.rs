@@ -18,6 +18,10 @@ pub struct FeatureServiceConfig {
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "ASR_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
+    /// On SIGTERM, how long in-flight streams may run before the remaining connections are
+    /// closed, in seconds.
+    #[arg(long, env = "ASR_DRAIN_SECONDS", default_value_t = 10.0)]
+    pub drain_seconds: f64,
     /// Address of the model service that Transcribe and Ingest relay to.
     #[arg(long, env = "ASR_MODEL_SERVICE")]
     pub model_service: Option<String>,
@@ -30,6 +34,7 @@ impl Default for FeatureServiceConfig {
             max_concurrent_streams: 64,
             default_frames_per_message: 100,
             max_message_bytes: 4 * 1024 * 1024,
+            drain_seconds: 10.0,
             model_service: None,
         }
     }

@@ -158,8 +158,9 @@ impl FeatureService for FeatureServer {
 pub async fn serve(
     listener: TcpListener,
     config: FeatureServiceConfig,
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let grace = std::time::Duration::from_secs_f64(config.drain_seconds);
     let server = FeatureServer::new(config)?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -169,11 +170,12 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(asr_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(server.into_service())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
-    Ok(())
+        .add_service(server.into_service());
+    asr_telemetry::serve_with_drain_deadline(shutdown, grace, |signal| {
+        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+    })
+    .await
 }

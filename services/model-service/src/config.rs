@@ -39,6 +39,10 @@ pub struct ModelServiceConfig {
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "ASR_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
+    /// On SIGTERM, how long in-flight requests may run before the remaining connections are
+    /// closed, in seconds.
+    #[arg(long, env = "ASR_DRAIN_SECONDS", default_value_t = 30.0)]
+    pub drain_seconds: f64,
     /// Longest audio per Transcribe stream, in seconds.
     #[arg(long, env = "ASR_MAX_AUDIO_SECONDS", default_value_t = 4.0 * 3600.0)]
     pub max_audio_seconds: f64,
@@ -55,6 +59,7 @@ impl Default for ModelServiceConfig {
             max_concurrent_streams: 32,
             max_message_bytes: 4 * 1024 * 1024,
             max_audio_seconds: 4.0 * 3600.0,
+            drain_seconds: 30.0,
         }
     }
 }

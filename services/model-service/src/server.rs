@@ -27,6 +27,11 @@ pub struct ModelServer {
 
 impl ModelServer {
     pub fn new(config: ModelServiceConfig) -> Result<Self, ModelError> {
+        if !(config.drain_seconds.is_finite() && config.drain_seconds >= 0.0) {
+            return Err(ModelError::Config(
+                "--drain-seconds must be 0 or more".into(),
+            ));
+        }
         let device = device::select(&config.device)?;
         if matches!(config.precision, Precision::Fp16 | Precision::Bf16) && device == Device::Cpu {
             return Err(ModelError::Config(format!(
@@ -198,8 +203,9 @@ impl ModelService for ModelServer {
 pub async fn serve(
     listener: TcpListener,
     config: ModelServiceConfig,
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let grace = std::time::Duration::from_secs_f64(config.drain_seconds);
     let server = ModelServer::new(config)?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -209,11 +215,12 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(asr_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(server.into_service())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
-    Ok(())
+        .add_service(server.into_service());
+    asr_telemetry::serve_with_drain_deadline(shutdown, grace, |signal| {
+        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+    })
+    .await
 }

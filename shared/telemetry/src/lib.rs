@@ -4,6 +4,11 @@
 //! Every service calls [`init`] once with its [`TelemetryArgs`] (flattened into its clap
 //! arguments); the returned guard flushes pending spans when dropped.
 
+use std::future::Future;
+use std::io::IsTerminal;
+use std::pin::Pin;
+use std::time::Duration;
+
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use opentelemetry::trace::TracerProvider as _;
@@ -80,7 +85,11 @@ pub fn init(service_name: &'static str, args: &TelemetryArgs) -> anyhow::Result<
     let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
     let result = match args.log_format {
         LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::stderr().is_terminal()),
+            )
             .try_init(),
         LogFormat::Json => registry
             .with(
@@ -95,6 +104,41 @@ pub fn init(service_name: &'static str, args: &TelemetryArgs) -> anyhow::Result<
         tracing::info!(%endpoint, "exporting traces over OTLP");
     }
     Ok(TelemetryGuard { provider })
+}
+
+/// Runs a server until it stops by itself or, once `shutdown` has fired, for at most `grace`:
+/// `serve` gets the signal to hand to tonic's `serve_with_shutdown`, which stops accepting and
+/// waits for open connections; clients that keep theirs open must not hold a stopping service
+/// past its orchestrator's grace period.
+pub async fn serve_with_drain_deadline<F, E>(
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+    serve: impl FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>) -> F,
+) -> anyhow::Result<()>
+where
+    F: Future<Output = Result<(), E>>,
+    E: Into<anyhow::Error>,
+{
+    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel();
+    let signal = Box::pin(async move {
+        shutdown.await;
+        let _ = fired_tx.send(());
+    });
+    let server = serve(signal);
+    tokio::pin!(server);
+    let deadline = async {
+        match fired_rx.await {
+            Ok(()) => tokio::time::sleep(grace).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = &mut server => result.map_err(Into::into),
+        () = deadline => {
+            tracing::warn!(grace_seconds = grace.as_secs_f64(), "drain deadline passed; closing the remaining connections");
+            Ok(())
+        }
+    }
 }
 
 /// Completes on Ctrl-C or SIGTERM, the signals a terminal and an orchestrator send.

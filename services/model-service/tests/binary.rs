@@ -1,0 +1,107 @@
+//! The built `model-service` binary: starts with no library path set (libtorch found through
+//! its rpath), serves health and GetModelInfo over loopback, and exits cleanly on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use asr_proto::v1 as pb;
+use pb::model_service_client::ModelServiceClient;
+
+/// Kills the service if the test fails half-way, so no orphan keeps cargo waiting.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn binary_runs_without_library_path_and_stops_on_sigterm() {
+    let child = Command::new(env!("CARGO_BIN_EXE_model-service"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--device",
+            "cpu",
+            "--log-format",
+            "json",
+            "--drain-seconds",
+            "1",
+        ])
+        .env_remove("LD_LIBRARY_PATH")
+        .env_remove("LIBTORCH")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting model-service");
+    let mut child = KillOnDrop(child);
+    let stderr = child.0.stderr.take().expect("stderr");
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let log_reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) {
+                if let Some(addr) = entry["fields"]["address"].as_str() {
+                    let _ = addr_tx.send(addr.to_string());
+                }
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the service logs its address");
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "asr.v1.ModelService".into(),
+        })
+        .await
+        .expect("health")
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let info = ModelServiceClient::new(channel.clone())
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .expect("model info")
+        .into_inner();
+    assert_eq!(info.device, "cpu");
+    assert_eq!(info.weight_precision, pb::Precision::Int8 as i32);
+    let unimplemented = ModelServiceClient::new(channel.clone())
+        .list_adapters(pb::ListAdaptersRequest::default())
+        .await
+        .expect_err("adapters arrive with a later version");
+    assert_eq!(unimplemented.code(), tonic::Code::Unimplemented);
+
+    // The client keeps its connection open: the drain deadline must still let the process go.
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let exit = child.0.wait().expect("wait");
+    let logs = log_reader.join().expect("log reader");
+    assert!(
+        exit.success(),
+        "model-service exited with {exit:?}; logs:\n{}",
+        logs.join("\n")
+    );
+    assert!(
+        logs.iter().any(|l| l.contains("model service stopped")),
+        "no clean stop in logs"
+    );
+    drop(channel);
+}
