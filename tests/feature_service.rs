@@ -571,3 +571,51 @@ async fn serves_health_reflection_and_info() {
     assert_eq!(info.limits.expect("limits").default_frames_per_message, 100);
     server.stop().await;
 }
+
+/// Frames leave as soon as their 400 samples have arrived, before the client half-closes.
+#[tokio::test]
+async fn frames_stream_before_the_input_ends() {
+    let server = start_feature_service(FeatureServiceConfig::default()).await;
+    let mut client = client(&server).await;
+    let wav = speech_wav(3.0);
+    let pcm = &wav[44..];
+    for (name, first, bytes, split, expected_frames) in [
+        // 1 s of 16 kHz PCM: frames 0..=98 are complete (frame i needs samples up to 160 i + 199).
+        (
+            "raw PCM",
+            config(raw_pcm(pb::SampleFormat::S16le, 16_000, 1), 80),
+            pcm,
+            32_000,
+            99,
+        ),
+        // wav: the header and 1 s of samples; the demuxer works in packets, so allow a packet less.
+        ("wav", config(None, 80), &wav[..], 44 + 32_000, 80),
+    ] {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(first).await.expect("send");
+        tx.send(audio(&bytes[..split])).await.expect("send");
+        let mut stream = client
+            .extract(ReceiverStream::new(rx))
+            .await
+            .expect("extract")
+            .into_inner();
+        let mut frames = 0;
+        while frames < expected_frames {
+            let message = tokio::time::timeout(Duration::from_secs(5), stream.message())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("{name}: only {frames} frames arrived while the stream stayed open")
+                })
+                .expect("stream")
+                .expect("message");
+            if let Some(Event::Frames(f)) = message.event {
+                frames += f.frame_count;
+            }
+        }
+        println!("{name}: {frames} frames arrived before the rest of the audio was sent");
+        tx.send(audio(&bytes[split..])).await.expect("send");
+        drop(tx);
+        while stream.message().await.expect("stream").is_some() {}
+    }
+    server.stop().await;
+}

@@ -112,7 +112,7 @@ impl ByteLayout {
                 bytes_per_sample,
             } => {
                 let frame = channels * bytes_per_sample;
-                if bytes.len() % frame != 0 {
+                if !bytes.len().is_multiple_of(frame) {
                     return Err(FeatureError::invalid(
                         "audio",
                         format!(

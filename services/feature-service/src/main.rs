@@ -16,16 +16,16 @@ struct Args {
     #[command(flatten)]
     service: FeatureServiceConfig,
     #[command(flatten)]
-    telemetry: asr_telemetry::TelemetryArgs,
+    telemetry: asr_runtime::TelemetryArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _telemetry = asr_telemetry::init("feature-service", &args.telemetry)?;
+    let _telemetry = asr_runtime::init("feature-service", &args.telemetry)?;
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     tracing::info!(address = %listener.local_addr()?, "feature service listening");
-    feature_service::serve(listener, args.service, asr_telemetry::shutdown_signal()).await?;
+    feature_service::serve(listener, args.service, asr_runtime::shutdown_signal()).await?;
     tracing::info!("feature service stopped");
     Ok(())
 }

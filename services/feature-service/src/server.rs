@@ -10,7 +10,7 @@ use futures::Stream;
 use pb::feature_service_server::{FeatureService, FeatureServiceServer};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -162,20 +162,9 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let grace = std::time::Duration::from_secs_f64(config.drain_seconds);
     let server = FeatureServer::new(config)?;
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<FeatureServiceServer<FeatureServer>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(asr_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let router = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(server.into_service());
-    asr_telemetry::serve_with_drain_deadline(shutdown, grace, |signal| {
-        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
-    })
-    .await
+    let router =
+        asr_runtime::router_with_health_and_reflection::<FeatureServiceServer<FeatureServer>>()
+            .await?
+            .add_service(server.into_service());
+    asr_runtime::serve(router, listener, grace, shutdown).await
 }

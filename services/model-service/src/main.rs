@@ -16,16 +16,16 @@ struct Args {
     #[command(flatten)]
     service: ModelServiceConfig,
     #[command(flatten)]
-    telemetry: asr_telemetry::TelemetryArgs,
+    telemetry: asr_runtime::TelemetryArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _telemetry = asr_telemetry::init("model-service", &args.telemetry)?;
+    let _telemetry = asr_runtime::init("model-service", &args.telemetry)?;
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     tracing::info!(address = %listener.local_addr()?, "model service listening");
-    model_service::serve(listener, args.service, asr_telemetry::shutdown_signal()).await?;
+    model_service::serve(listener, args.service, asr_runtime::shutdown_signal()).await?;
     tracing::info!("model service stopped");
     Ok(())
 }

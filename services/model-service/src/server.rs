@@ -9,7 +9,6 @@ use futures::Stream;
 use pb::model_service_server::{ModelService, ModelServiceServer};
 use tch::Device;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::{ModelServiceConfig, Precision};
@@ -207,20 +206,9 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let grace = std::time::Duration::from_secs_f64(config.drain_seconds);
     let server = ModelServer::new(config)?;
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<ModelServiceServer<ModelServer>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(asr_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let router = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(server.into_service());
-    asr_telemetry::serve_with_drain_deadline(shutdown, grace, |signal| {
-        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
-    })
-    .await
+    let router =
+        asr_runtime::router_with_health_and_reflection::<ModelServiceServer<ModelServer>>()
+            .await?
+            .add_service(server.into_service());
+    asr_runtime::serve(router, listener, grace, shutdown).await
 }

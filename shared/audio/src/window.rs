@@ -14,7 +14,7 @@ use crate::{SILENT_LOG_MEL, WINDOW_FRAMES};
 /// If `frames` is not a whole number of frames or holds more than 3000.
 pub fn normalize_window(frames: &[f32], n_mels: usize) -> Vec<f32> {
     assert!(
-        n_mels > 0 && frames.len() % n_mels == 0,
+        n_mels > 0 && frames.len().is_multiple_of(n_mels),
         "frames must hold whole frames"
     );
     let present = frames.len() / n_mels;

@@ -1,13 +1,9 @@
-//! Service plumbing: logging (tracing), OpenTelemetry trace export when an OTLP endpoint is
-//! configured, and the shutdown signal.
+//! Logging (tracing) and, when an OTLP endpoint is configured, OpenTelemetry trace export.
 //!
 //! Every service calls [`init`] once with its [`TelemetryArgs`] (flattened into its clap
 //! arguments); the returned guard flushes pending spans when dropped.
 
-use std::future::Future;
 use std::io::IsTerminal;
-use std::pin::Pin;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
@@ -104,62 +100,4 @@ pub fn init(service_name: &'static str, args: &TelemetryArgs) -> anyhow::Result<
         tracing::info!(%endpoint, "exporting traces over OTLP");
     }
     Ok(TelemetryGuard { provider })
-}
-
-/// Runs a server until it stops by itself or, once `shutdown` has fired, for at most `grace`:
-/// `serve` gets the signal to hand to tonic's `serve_with_shutdown`, which stops accepting and
-/// waits for open connections; clients that keep theirs open must not hold a stopping service
-/// past its orchestrator's grace period.
-pub async fn serve_with_drain_deadline<F, E>(
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    grace: Duration,
-    serve: impl FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>) -> F,
-) -> anyhow::Result<()>
-where
-    F: Future<Output = Result<(), E>>,
-    E: Into<anyhow::Error>,
-{
-    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel();
-    let signal = Box::pin(async move {
-        shutdown.await;
-        let _ = fired_tx.send(());
-    });
-    let server = serve(signal);
-    tokio::pin!(server);
-    let deadline = async {
-        match fired_rx.await {
-            Ok(()) => tokio::time::sleep(grace).await,
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        result = &mut server => result.map_err(Into::into),
-        () = deadline => {
-            tracing::warn!(grace_seconds = grace.as_secs_f64(), "drain deadline passed; closing the remaining connections");
-            Ok(())
-        }
-    }
-}
-
-/// Completes on Ctrl-C or SIGTERM, the signals a terminal and an orchestrator send.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {},
-                    _ = term.recv() => {},
-                }
-            }
-            Err(err) => {
-                tracing::warn!(%err, "cannot listen for SIGTERM; stopping on Ctrl-C only");
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutdown requested; finishing in-flight requests");
 }
