@@ -56,14 +56,13 @@ pub async fn extract_remote(addr: &str, args: &FeaturesArgs) -> anyhow::Result<F
     let mut summary = None;
     while let Some(response) = responses.message().await? {
         match response.event {
-            Some(Event::Info(info)) => {
-                if info.n_mels as usize != n_mels {
-                    bail!(
-                        "server answered with {} mels, asked for {n_mels}",
-                        info.n_mels
-                    );
-                }
+            Some(Event::Info(info)) if info.n_mels as usize != n_mels => {
+                bail!(
+                    "server answered with {} mels, asked for {n_mels}",
+                    info.n_mels
+                );
             }
+            Some(Event::Info(_)) | None => {}
             Some(Event::Frames(batch)) => {
                 let expected = (frames.len() / n_mels) as u64;
                 if batch.first_frame_index != expected
@@ -77,7 +76,6 @@ pub async fn extract_remote(addr: &str, args: &FeaturesArgs) -> anyhow::Result<F
                 frames.extend_from_slice(&batch.values);
             }
             Some(Event::Summary(s)) => summary = Some(s),
-            None => {}
         }
     }
     reader.await??;
