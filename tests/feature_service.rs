@@ -205,6 +205,61 @@ async fn decodes_wav_flac_mp3_and_ogg_vorbis() {
         println!("{format}: mean |window - wav window| = {mean:.4}");
         assert!(mean <= bound, "{format}: mean difference {mean} > {bound}");
     }
+
+    // Common Voice's format: 48 kHz mp3 (stereo here), against the 48 kHz source it came from.
+    let source48 = dir.path().join("clip48k.wav");
+    let mp3_48 = dir.path().join("clip48k.mp3");
+    let tool = |args: &[&str]| run_reference("audio_tools.py", args, None);
+    tool(&[
+        "upsample",
+        wav_path.to_str().expect("path"),
+        "48000",
+        source48.to_str().expect("path"),
+    ]);
+    tool(&[
+        "encode",
+        source48.to_str().expect("path"),
+        "mp3",
+        mp3_48.to_str().expect("path"),
+    ]);
+    let source = extract(
+        &mut client,
+        requests(
+            config(None, 80),
+            &std::fs::read(&source48).expect("wav"),
+            4096,
+        ),
+    )
+    .await
+    .expect("48 kHz wav");
+    let got = extract(
+        &mut client,
+        requests(
+            config(None, 80),
+            &std::fs::read(&mp3_48).expect("mp3"),
+            4096,
+        ),
+    )
+    .await
+    .expect("48 kHz mp3");
+    assert_eq!(
+        (got.info.source_sample_rate_hz, got.info.source_channels),
+        (48_000, 2)
+    );
+    assert_eq!(
+        got.summary.total_samples, source.summary.total_samples,
+        "48 kHz mp3: gapless length"
+    );
+    let ours = asr_audio::windows_from_frames(&got.frames, 80, 1).concat();
+    let reference = asr_audio::windows_from_frames(&source.frames, 80, 1).concat();
+    let mean = ours
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f32>()
+        / reference.len() as f32;
+    println!("48 kHz stereo mp3: mean |window - source window| = {mean:.4}");
+    assert!(mean <= 0.02, "48 kHz mp3: mean difference {mean}");
     server.stop().await;
 }
 
