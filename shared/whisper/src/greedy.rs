@@ -1,0 +1,79 @@
+//! Greedy decoding of a batch of windows, as HF `generate(num_beams=1, do_sample=False)`
+//! does for Whisper short-form: forced prompt, `suppress_tokens` at every step,
+//! `begin_suppress_tokens` at the first generated position, stop at end-of-text.
+
+use tch::{Kind, Tensor};
+
+use crate::generation::GenerationConfig;
+use crate::model::Whisper;
+
+/// Bans `tokens` (ids outside the vocabulary are ignored) from `logits` `[B, V]`.
+pub fn suppress(logits: &mut Tensor, tokens: &[i64]) {
+    let vocab = logits.size()[1];
+    let ids: Vec<i64> = tokens
+        .iter()
+        .copied()
+        .filter(|&t| (0..vocab).contains(&t))
+        .collect();
+    if ids.is_empty() {
+        return;
+    }
+    let index = Tensor::from_slice(&ids).to_device(logits.device());
+    let _ = logits.index_fill_(1, &index, f64::NEG_INFINITY);
+}
+
+/// Decodes each window of `mel` (`[B, n_mels, 3000]`) greedily after `prompt`; returns the
+/// generated tokens of each (without the prompt, with the end-of-text token when reached).
+pub fn greedy(
+    model: &Whisper,
+    generation: &GenerationConfig,
+    mel: &Tensor,
+    prompt: &[i64],
+    max_new_tokens: usize,
+) -> Vec<Vec<i64>> {
+    tch::no_grad(|| {
+        let batch = mel.size()[0];
+        let encoder_out = model.encoder.forward(mel);
+        let mut cache = model.decoder.new_cache(&encoder_out);
+        let prompt_tensor = Tensor::from_slice(prompt)
+            .to_device(mel.device())
+            .unsqueeze(0)
+            .repeat([batch, 1]);
+        let mut logits = model
+            .decoder
+            .forward(&prompt_tensor, &mut cache)
+            .select(1, -1);
+        let mut outputs: Vec<Vec<i64>> = vec![Vec::new(); batch as usize];
+        let mut finished = vec![false; batch as usize];
+        let room = generation.max_length.saturating_sub(prompt.len());
+        for step in 0..max_new_tokens.min(room) {
+            let mut step_logits = logits.to_kind(Kind::Float);
+            suppress(&mut step_logits, &generation.suppress_tokens);
+            if step == 0 {
+                suppress(&mut step_logits, &generation.begin_suppress_tokens);
+            }
+            let next = step_logits.argmax(-1, false);
+            let next_ids: Vec<i64> = Vec::<i64>::try_from(&next).unwrap_or_default();
+            for (i, &token) in next_ids.iter().enumerate() {
+                if !finished[i] {
+                    outputs[i].push(token);
+                    finished[i] = token == generation.eos_token_id;
+                }
+            }
+            if finished.iter().all(|&f| f) {
+                break;
+            }
+            // Finished rows keep feeding end-of-text; their outputs no longer change.
+            let fed: Vec<i64> = next_ids
+                .iter()
+                .zip(&finished)
+                .map(|(&t, &done)| if done { generation.eos_token_id } else { t })
+                .collect();
+            let fed = Tensor::from_slice(&fed)
+                .to_device(mel.device())
+                .unsqueeze(1);
+            logits = model.decoder.forward(&fed, &mut cache).select(1, -1);
+        }
+        outputs
+    })
+}

@@ -1,0 +1,22 @@
+//! Whisper on libtorch.
+//!
+//! - [`config`]: the HF `config.json` of every Whisper size;
+//! - [`weights`]: named tensors of an HF safetensors directory;
+//! - [`linear`], [`model`]: the network (HF names and layout), no I/O;
+//! - [`generation`]: generation_config.json (prompt tokens, suppression);
+//! - [`greedy`]: greedy decoding;
+//! - [`ct2`]: reading CTranslate2 / faster-whisper directories and converting them to HF
+//!   safetensors directories.
+
+pub mod config;
+pub mod ct2;
+pub mod generation;
+pub mod greedy;
+pub mod linear;
+pub mod model;
+pub mod weights;
+
+pub use config::WhisperConfig;
+pub use generation::{GenerationConfig, Task};
+pub use model::{Decoder, DecoderCache, Encoder, Whisper};
+pub use weights::Weights;

@@ -1,0 +1,398 @@
+//! The Whisper network (HF `WhisperForConditionalGeneration` layout and names), no I/O.
+//!
+//! Encoder: two GELU convolutions (the second with stride 2), sinusoidal positions, pre-norm
+//! transformer layers, a final layer norm. Decoder: token + learned positions, pre-norm layers of
+//! causal self-attention (with a KV cache) and cross-attention (keys/values computed once per
+//! window), a final layer norm and logits tied to the token embedding.
+
+use tch::{Kind, Tensor};
+
+use crate::config::WhisperConfig;
+use crate::linear::{LayerNorm, Linear};
+use crate::weights::Weights;
+
+/// Multi-head attention (HF `WhisperAttention`): q/v/out projections with bias, k without.
+#[derive(Debug)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn load(weights: &mut Weights, prefix: &str, d_model: i64, heads: i64) -> anyhow::Result<Self> {
+        Ok(Self {
+            q_proj: Linear::load(weights, &format!("{prefix}.q_proj"), d_model, d_model, true)?,
+            k_proj: Linear::load(
+                weights,
+                &format!("{prefix}.k_proj"),
+                d_model,
+                d_model,
+                false,
+            )?,
+            v_proj: Linear::load(weights, &format!("{prefix}.v_proj"), d_model, d_model, true)?,
+            out_proj: Linear::load(
+                weights,
+                &format!("{prefix}.out_proj"),
+                d_model,
+                d_model,
+                true,
+            )?,
+            heads,
+            head_dim: d_model / heads,
+        })
+    }
+
+    /// `[B, T, D]` -> `[B, H, T, hd]`.
+    fn split_heads(&self, xs: &Tensor) -> Tensor {
+        let (b, t, _) = xs.size3().expect("[B, T, D]");
+        xs.view([b, t, self.heads, self.head_dim]).transpose(1, 2)
+    }
+
+    fn keys_values(&self, xs: &Tensor) -> (Tensor, Tensor) {
+        (
+            self.split_heads(&self.k_proj.forward(xs)),
+            self.split_heads(&self.v_proj.forward(xs)),
+        )
+    }
+
+    /// Attends `xs` (queries) to `keys`/`values` (`[B, H, S, hd]`).
+    fn attend(&self, xs: &Tensor, keys: &Tensor, values: &Tensor, causal: bool) -> Tensor {
+        let (b, t, d) = xs.size3().expect("[B, T, D]");
+        let q = self.split_heads(&self.q_proj.forward(xs));
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            keys,
+            values,
+            None::<Tensor>,
+            0.0,
+            causal,
+            None,
+            false,
+        );
+        self.out_proj
+            .forward(&out.transpose(1, 2).contiguous().view([b, t, d]))
+    }
+}
+
+#[derive(Debug)]
+struct EncoderLayer {
+    self_attn: Attention,
+    self_attn_layer_norm: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    final_layer_norm: LayerNorm,
+}
+
+impl EncoderLayer {
+    fn load(weights: &mut Weights, prefix: &str, config: &WhisperConfig) -> anyhow::Result<Self> {
+        let (d, ffn) = (config.d_model as i64, config.encoder_ffn_dim as i64);
+        Ok(Self {
+            self_attn: Attention::load(
+                weights,
+                &format!("{prefix}.self_attn"),
+                d,
+                config.encoder_attention_heads as i64,
+            )?,
+            self_attn_layer_norm: LayerNorm::load(
+                weights,
+                &format!("{prefix}.self_attn_layer_norm"),
+                d,
+            )?,
+            fc1: Linear::load(weights, &format!("{prefix}.fc1"), d, ffn, true)?,
+            fc2: Linear::load(weights, &format!("{prefix}.fc2"), ffn, d, true)?,
+            final_layer_norm: LayerNorm::load(weights, &format!("{prefix}.final_layer_norm"), d)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        let h = self.self_attn_layer_norm.forward(xs);
+        let (k, v) = self.self_attn.keys_values(&h);
+        let xs = xs + self.self_attn.attend(&h, &k, &v, false);
+        let h = self.fc2.forward(
+            &self
+                .fc1
+                .forward(&self.final_layer_norm.forward(&xs))
+                .gelu("none"),
+        );
+        xs + h
+    }
+}
+
+/// HF `WhisperEncoder`.
+#[derive(Debug)]
+pub struct Encoder {
+    conv1_weight: Tensor,
+    conv1_bias: Tensor,
+    conv2_weight: Tensor,
+    conv2_bias: Tensor,
+    embed_positions: Tensor,
+    layers: Vec<EncoderLayer>,
+    layer_norm: LayerNorm,
+}
+
+impl Encoder {
+    fn load(weights: &mut Weights, config: &WhisperConfig) -> anyhow::Result<Self> {
+        let (d, mels) = (config.d_model as i64, config.num_mel_bins as i64);
+        Ok(Self {
+            conv1_weight: weights.take("model.encoder.conv1.weight", &[d, mels, 3])?,
+            conv1_bias: weights.take("model.encoder.conv1.bias", &[d])?,
+            conv2_weight: weights.take("model.encoder.conv2.weight", &[d, d, 3])?,
+            conv2_bias: weights.take("model.encoder.conv2.bias", &[d])?,
+            embed_positions: weights.take(
+                "model.encoder.embed_positions.weight",
+                &[config.max_source_positions as i64, d],
+            )?,
+            layers: (0..config.encoder_layers)
+                .map(|i| EncoderLayer::load(weights, &format!("model.encoder.layers.{i}"), config))
+                .collect::<anyhow::Result<_>>()?,
+            layer_norm: LayerNorm::load(weights, "model.encoder.layer_norm", d)?,
+        })
+    }
+
+    /// `[B, n_mels, 3000]` normalised log-mel windows -> `[B, 1500, d_model]`.
+    pub fn forward(&self, mel: &Tensor) -> Tensor {
+        let xs = mel
+            .conv1d(&self.conv1_weight, Some(&self.conv1_bias), [1], [1], [1], 1)
+            .gelu("none")
+            .conv1d(&self.conv2_weight, Some(&self.conv2_bias), [2], [1], [1], 1)
+            .gelu("none")
+            .transpose(1, 2);
+        let positions = xs.size()[1];
+        let mut xs = xs + self.embed_positions.narrow(0, 0, positions);
+        for layer in &self.layers {
+            xs = layer.forward(&xs);
+        }
+        self.layer_norm.forward(&xs)
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    self_attn: Attention,
+    self_attn_layer_norm: LayerNorm,
+    encoder_attn: Attention,
+    encoder_attn_layer_norm: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    final_layer_norm: LayerNorm,
+}
+
+impl DecoderLayer {
+    fn load(weights: &mut Weights, prefix: &str, config: &WhisperConfig) -> anyhow::Result<Self> {
+        let (d, ffn, heads) = (
+            config.d_model as i64,
+            config.decoder_ffn_dim as i64,
+            config.decoder_attention_heads as i64,
+        );
+        Ok(Self {
+            self_attn: Attention::load(weights, &format!("{prefix}.self_attn"), d, heads)?,
+            self_attn_layer_norm: LayerNorm::load(
+                weights,
+                &format!("{prefix}.self_attn_layer_norm"),
+                d,
+            )?,
+            encoder_attn: Attention::load(weights, &format!("{prefix}.encoder_attn"), d, heads)?,
+            encoder_attn_layer_norm: LayerNorm::load(
+                weights,
+                &format!("{prefix}.encoder_attn_layer_norm"),
+                d,
+            )?,
+            fc1: Linear::load(weights, &format!("{prefix}.fc1"), d, ffn, true)?,
+            fc2: Linear::load(weights, &format!("{prefix}.fc2"), ffn, d, true)?,
+            final_layer_norm: LayerNorm::load(weights, &format!("{prefix}.final_layer_norm"), d)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, cache: &mut LayerCache) -> Tensor {
+        let h = self.self_attn_layer_norm.forward(xs);
+        let (k, v) = self.self_attn.keys_values(&h);
+        let (k, v) = match cache.self_kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
+            None => (k, v),
+        };
+        let new_tokens = xs.size()[1];
+        let past = k.size()[2] - new_tokens;
+        let attn = if past == 0 || new_tokens == 1 {
+            self.self_attn
+                .attend(&h, &k, &v, past == 0 && new_tokens > 1)
+        } else {
+            let mask = causal_mask_with_past(new_tokens, past, xs);
+            let (b, t, d) = h.size3().expect("[B, T, D]");
+            let q = self
+                .self_attn
+                .split_heads(&self.self_attn.q_proj.forward(&h));
+            let out = Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                Some(mask),
+                0.0,
+                false,
+                None,
+                false,
+            );
+            self.self_attn
+                .out_proj
+                .forward(&out.transpose(1, 2).contiguous().view([b, t, d]))
+        };
+        cache.self_kv = Some((k, v));
+        let xs = xs + attn;
+        let h = self.encoder_attn_layer_norm.forward(&xs);
+        let xs = &xs
+            + self
+                .encoder_attn
+                .attend(&h, &cache.cross_k, &cache.cross_v, false);
+        let h = self.fc2.forward(
+            &self
+                .fc1
+                .forward(&self.final_layer_norm.forward(&xs))
+                .gelu("none"),
+        );
+        xs + h
+    }
+}
+
+/// Boolean mask `[T, past + T]`: token i sees every past token and new tokens up to i.
+fn causal_mask_with_past(new_tokens: i64, past: i64, like: &Tensor) -> Tensor {
+    let rows = Tensor::arange(new_tokens, (Kind::Int64, like.device())).unsqueeze(1);
+    let cols = Tensor::arange(past + new_tokens, (Kind::Int64, like.device())).unsqueeze(0);
+    cols.le_tensor(&(rows + past))
+}
+
+/// Keys and values a decoder layer keeps between steps.
+#[derive(Debug)]
+pub struct LayerCache {
+    self_kv: Option<(Tensor, Tensor)>,
+    cross_k: Tensor,
+    cross_v: Tensor,
+}
+
+/// The decoder state of a batch of sequences: self-attention KV cache and the cross-attention
+/// keys/values of their encoder output.
+#[derive(Debug)]
+pub struct DecoderCache {
+    layers: Vec<LayerCache>,
+    /// Tokens already decoded (the position of the next one).
+    offset: i64,
+}
+
+impl DecoderCache {
+    pub fn offset(&self) -> i64 {
+        self.offset
+    }
+
+    /// Keeps the rows `indices` (beam search reordering, dropping finished sequences).
+    pub fn select(&mut self, indices: &Tensor) {
+        for layer in &mut self.layers {
+            if let Some((k, v)) = layer.self_kv.take() {
+                layer.self_kv = Some((k.index_select(0, indices), v.index_select(0, indices)));
+            }
+            layer.cross_k = layer.cross_k.index_select(0, indices);
+            layer.cross_v = layer.cross_v.index_select(0, indices);
+        }
+    }
+}
+
+/// HF `WhisperDecoder` plus the tied output projection.
+#[derive(Debug)]
+pub struct Decoder {
+    embed_tokens: Tensor,
+    embed_positions: Tensor,
+    layers: Vec<DecoderLayer>,
+    layer_norm: LayerNorm,
+}
+
+impl Decoder {
+    fn load(weights: &mut Weights, config: &WhisperConfig) -> anyhow::Result<Self> {
+        let d = config.d_model as i64;
+        Ok(Self {
+            embed_tokens: weights.take(
+                "model.decoder.embed_tokens.weight",
+                &[config.vocab_size as i64, d],
+            )?,
+            embed_positions: weights.take(
+                "model.decoder.embed_positions.weight",
+                &[config.max_target_positions as i64, d],
+            )?,
+            layers: (0..config.decoder_layers)
+                .map(|i| DecoderLayer::load(weights, &format!("model.decoder.layers.{i}"), config))
+                .collect::<anyhow::Result<_>>()?,
+            layer_norm: LayerNorm::load(weights, "model.decoder.layer_norm", d)?,
+        })
+    }
+
+    /// A fresh cache for `encoder_out` (`[B, 1500, D]`): cross-attention keys/values once.
+    pub fn new_cache(&self, encoder_out: &Tensor) -> DecoderCache {
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                let (cross_k, cross_v) = layer.encoder_attn.keys_values(encoder_out);
+                LayerCache {
+                    self_kv: None,
+                    cross_k,
+                    cross_v,
+                }
+            })
+            .collect();
+        DecoderCache { layers, offset: 0 }
+    }
+
+    /// Feeds `tokens` (`[B, T]`, following the cached ones) and returns logits `[B, T, vocab]`.
+    pub fn forward(&self, tokens: &Tensor, cache: &mut DecoderCache) -> Tensor {
+        let new_tokens = tokens.size()[1];
+        let positions = self.embed_positions.narrow(0, cache.offset, new_tokens);
+        let mut xs = self.embed_tokens.embedding_for(tokens) + positions;
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            xs = layer.forward(&xs, layer_cache);
+        }
+        cache.offset += new_tokens;
+        self.layer_norm.forward(&xs).matmul(&self.embed_tokens.tr())
+    }
+}
+
+trait EmbeddingExt {
+    fn embedding_for(&self, tokens: &Tensor) -> Tensor;
+}
+
+impl EmbeddingExt for Tensor {
+    fn embedding_for(&self, tokens: &Tensor) -> Tensor {
+        Tensor::embedding(self, tokens, -1, false, false)
+    }
+}
+
+/// HF `WhisperForConditionalGeneration`.
+#[derive(Debug)]
+pub struct Whisper {
+    pub config: WhisperConfig,
+    pub encoder: Encoder,
+    pub decoder: Decoder,
+}
+
+impl Whisper {
+    /// Builds the network from `weights` (HF names). Tensors the network does not use, other
+    /// than the tied `proj_out.weight`, are an error: they mean a layout mismatch.
+    pub fn load(mut weights: Weights, config: &WhisperConfig) -> anyhow::Result<Self> {
+        config.validate()?;
+        let encoder = Encoder::load(&mut weights, config)?;
+        let decoder = Decoder::load(&mut weights, config)?;
+        let unused: Vec<String> = weights
+            .remaining()
+            .into_iter()
+            .filter(|n| n != "proj_out.weight")
+            .collect();
+        anyhow::ensure!(
+            unused.is_empty(),
+            "weights not used by the network: {unused:?}"
+        );
+        Ok(Self {
+            config: config.clone(),
+            encoder,
+            decoder,
+        })
+    }
+}

@@ -1,0 +1,97 @@
+//! Named tensors of an HF safetensors directory (single file or sharded), taken by the network
+//! as it is built, so that every missing or unused tensor is reported by name.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use tch::{Device, Kind, Tensor};
+
+/// The tensors of a model directory, on `device`, converted to `kind` if floating point.
+pub struct Weights {
+    tensors: BTreeMap<String, Tensor>,
+    device: Device,
+    kind: Kind,
+}
+
+impl Weights {
+    /// Reads `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+    pub fn from_dir(dir: &Path, device: Device, kind: Kind) -> anyhow::Result<Self> {
+        let single = dir.join("model.safetensors");
+        let files = if single.exists() {
+            vec![single]
+        } else {
+            let index_path = dir.join("model.safetensors.index.json");
+            let index: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(&index_path).with_context(|| {
+                    format!(
+                        "{} has neither model.safetensors nor its index",
+                        dir.display()
+                    )
+                })?,
+            )?;
+            let mut shards: Vec<String> = index["weight_map"]
+                .as_object()
+                .context("index without weight_map")?
+                .values()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            shards.sort();
+            shards.dedup();
+            shards.into_iter().map(|s| dir.join(s)).collect()
+        };
+        let mut tensors = BTreeMap::new();
+        for file in files {
+            let named = Tensor::read_safetensors(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            tensors.extend(named);
+        }
+        Ok(Self {
+            tensors,
+            device,
+            kind,
+        })
+    }
+
+    pub fn from_map(tensors: BTreeMap<String, Tensor>, device: Device, kind: Kind) -> Self {
+        Self {
+            tensors,
+            device,
+            kind,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Removes and returns `name`, checking its shape, on the target device and kind.
+    pub fn take(&mut self, name: &str, shape: &[i64]) -> anyhow::Result<Tensor> {
+        let tensor = self
+            .tensors
+            .remove(name)
+            .with_context(|| format!("weights lack tensor {name}"))?;
+        if tensor.size() != shape {
+            bail!(
+                "tensor {name} has shape {:?}, expected {shape:?}",
+                tensor.size()
+            );
+        }
+        let tensor = if tensor.is_floating_point() {
+            tensor.to_kind(self.kind)
+        } else {
+            tensor
+        };
+        Ok(tensor.to_device(self.device).detach())
+    }
+
+    /// Names never taken: weights the network does not use (reported, not fatal, for
+    /// tied weights such as `proj_out.weight`).
+    pub fn remaining(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+}
