@@ -1,9 +1,11 @@
 //! `asr`: the controller CLI.
 
 mod bench;
+mod convert;
 mod features;
 mod features_remote;
 mod status;
+mod transcribe;
 
 use clap::{Parser, Subcommand};
 
@@ -23,11 +25,15 @@ enum Command {
     /// Compute Whisper's normalised log-mel windows of an audio file, locally or through a
     /// feature service, and write them as float32 .npy of shape [windows, n_mels, 3000].
     Features(features::FeaturesArgs),
+    /// Transcribe audio files with Whisper (`--local`: in this process, no services).
+    Transcribe(transcribe::TranscribeArgs),
     /// Health and description of the running feature and model services.
     Status(status::StatusArgs),
     /// Benchmarks against the reference implementations.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Convert a faster-whisper / CTranslate2 Whisper directory into an HF transformers one.
+    Convert(convert::ConvertArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,7 +46,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Features(args) => features::run(args),
+        Command::Transcribe(args) => transcribe::run(args),
         Command::Status(args) => status::run(args),
         Command::Bench(command) => bench::run(command),
+        Command::Convert(args) => convert::run(args),
     }
 }

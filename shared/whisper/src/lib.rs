@@ -4,19 +4,27 @@
 //! - [`weights`]: named tensors of an HF safetensors directory;
 //! - [`linear`], [`model`]: the network (HF names and layout), no I/O;
 //! - [`generation`]: generation_config.json (prompt tokens, suppression);
-//! - [`greedy`]: greedy decoding;
+//! - [`greedy`], [`beam`]: greedy decoding and openai-style beam search;
+//! - [`tokenizer`]: tokenizer.json; [`metrics`]: character error rate;
+//! - [`transcriber`]: a loaded model directory and short-form transcription of windows;
 //! - [`ct2`]: reading CTranslate2 / faster-whisper directories and converting them to HF
 //!   safetensors directories.
 
+pub mod beam;
 pub mod config;
 pub mod ct2;
 pub mod generation;
 pub mod greedy;
 pub mod linear;
+pub mod metrics;
 pub mod model;
+pub mod tokenizer;
+pub mod transcriber;
 pub mod weights;
 
 pub use config::WhisperConfig;
 pub use generation::{GenerationConfig, Task};
 pub use model::{Decoder, DecoderCache, Encoder, Whisper};
+pub use tokenizer::WhisperTokenizer;
+pub use transcriber::{DecodeOptions, LoadOptions, LoadedModel, Precision, WindowTranscript};
 pub use weights::Weights;

@@ -1,14 +1,103 @@
-//! The linear layer of the network. A separate type so that the base weights can be held in
-//! other forms (int8 with per-channel scales, LoRA-wrapped) without touching the network.
+//! The linear layer of the network. The base weights are held in float or, as bitsandbytes'
+//! `load_in_8bit` does, as int8 with one scale per output channel (about 1 byte per
+//! parameter), multiplied with an int8 GEMM (`torch._int_mm`) after dynamic per-row
+//! quantisation of the activations; activation columns holding an outlier (|x| above the
+//! threshold, 6.0 as in LLM.int8) are multiplied in float instead.
 
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 use crate::weights::Weights;
 
+/// LLM.int8's default outlier threshold.
+pub const DEFAULT_OUTLIER_THRESHOLD: f64 = 6.0;
+
+#[derive(Debug)]
+enum LinearWeight {
+    /// `[out, in]`, as PyTorch stores it.
+    Float(Tensor),
+    Int8(Int8Weight),
+}
+
+/// A weight `[out, in]` as int8 with per-output-channel scales: `w ≈ q * scale[out]`.
+#[derive(Debug)]
+pub struct Int8Weight {
+    /// int8 `[in, out]`, the layout `_int_mm` takes as its second operand.
+    q_t: Tensor,
+    /// f32 `[out]`.
+    scale: Tensor,
+    outlier_threshold: f64,
+}
+
+impl Int8Weight {
+    /// Symmetric per-row absmax quantisation of a float weight `[out, in]`.
+    pub fn quantize(weight: &Tensor, outlier_threshold: f64) -> Self {
+        let weight = weight.to_kind(Kind::Float);
+        let scale = (weight.abs().amax([1], true) / 127.0).clamp_min(1e-12);
+        let q = (&weight / &scale)
+            .round()
+            .clamp(-127.0, 127.0)
+            .to_kind(Kind::Int8);
+        Self {
+            q_t: q.tr().contiguous(),
+            scale: scale.squeeze_dim(1),
+            outlier_threshold,
+        }
+    }
+
+    /// The float weight `[out, in]` this one stands for.
+    pub fn dequantize(&self) -> Tensor {
+        self.q_t.tr().to_kind(Kind::Float) * self.scale.unsqueeze(1)
+    }
+
+    /// `x [M, in]` (float) times the weight's transpose, `[M, out]` in float32.
+    fn matmul_t(&self, x: &Tensor) -> Tensor {
+        let x = x.to_kind(Kind::Float);
+        let outliers = if self.outlier_threshold > 0.0 {
+            let columns = x
+                .abs()
+                .gt(self.outlier_threshold)
+                .any_dim(0, false)
+                .nonzero()
+                .squeeze_dim(1);
+            (columns.size()[0] > 0).then_some(columns)
+        } else {
+            None
+        };
+        let regular = match &outliers {
+            Some(columns) => x.index_fill(1, columns, 0.0),
+            None => x.shallow_clone(),
+        };
+        let row_scale = (regular.abs().amax([1], true) / 127.0).clamp_min(1e-12);
+        let xq = (&regular / &row_scale)
+            .round()
+            .clamp(-127.0, 127.0)
+            .to_kind(Kind::Int8);
+        let acc = int_mm(&xq, &self.q_t);
+        let mut y = acc.to_kind(Kind::Float) * &row_scale * self.scale.unsqueeze(0);
+        if let Some(columns) = outliers {
+            // The outlier columns in float: x[:, cols] @ (q[:, cols] * scale)^T.
+            let w_cols =
+                self.q_t.index_select(0, &columns).to_kind(Kind::Float) * self.scale.unsqueeze(0);
+            y += x.index_select(1, &columns).matmul(&w_cols);
+        }
+        y
+    }
+}
+
+/// `_int_mm` with the shape rules of the CUDA kernel met (more than 16 rows, K and N
+/// multiples of 8): rows are padded with zeros and dropped again.
+fn int_mm(xq: &Tensor, q_t: &Tensor) -> Tensor {
+    let rows = xq.size()[0];
+    if xq.device() != Device::Cpu && rows <= 16 {
+        let padded = xq.constant_pad_nd([0, 0, 0, 32 - rows]);
+        return padded.internal_int_mm(q_t).narrow(0, 0, rows);
+    }
+    xq.internal_int_mm(q_t)
+}
+
 #[derive(Debug)]
 pub struct Linear {
-    /// `[out, in]`, as PyTorch stores it.
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
 }
 
@@ -27,11 +116,39 @@ impl Linear {
         } else {
             None
         };
+        let weight = match weights.int8_threshold() {
+            Some(threshold) => LinearWeight::Int8(Int8Weight::quantize(&weight, threshold)),
+            None => LinearWeight::Float(weight),
+        };
         Ok(Self { weight, bias })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Tensor {
-        xs.linear(&self.weight, self.bias.as_ref())
+        match &self.weight {
+            LinearWeight::Float(weight) => xs.linear(weight, self.bias.as_ref()),
+            LinearWeight::Int8(weight) => {
+                let shape = xs.size();
+                let in_dim = shape[shape.len() - 1];
+                let y = weight.matmul_t(&xs.reshape([-1, in_dim]));
+                let y = match &self.bias {
+                    Some(bias) => y + bias.to_kind(Kind::Float),
+                    None => y,
+                };
+                let mut out_shape = shape.clone();
+                let last = out_shape.len() - 1;
+                out_shape[last] = y.size()[1];
+                y.reshape(out_shape.as_slice()).to_kind(xs.kind())
+            }
+        }
+    }
+
+    /// Bytes the weight occupies (int8 data + scales, or float data).
+    pub fn weight_bytes(&self) -> i64 {
+        let bytes = |t: &Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
+        match &self.weight {
+            LinearWeight::Float(w) => bytes(w),
+            LinearWeight::Int8(w) => bytes(&w.q_t) + bytes(&w.scale),
+        }
     }
 }
 
@@ -60,5 +177,45 @@ impl LayerNorm {
             1e-5,
             false,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int8_matmul_is_close_to_float() {
+        tch::manual_seed(0);
+        let w = Tensor::randn([64, 96], (Kind::Float, Device::Cpu)) * 0.05;
+        let x = Tensor::randn([5, 96], (Kind::Float, Device::Cpu));
+        let exact = x.matmul(&w.tr());
+        let q = Int8Weight::quantize(&w, DEFAULT_OUTLIER_THRESHOLD);
+        let approx = q.matmul_t(&x);
+        let rel = ((&approx - &exact).norm().double_value(&[])) / exact.norm().double_value(&[]);
+        assert!(rel < 0.02, "relative error {rel}");
+        let deq = (q.dequantize() - &w).abs().max().double_value(&[]);
+        assert!(
+            deq < 0.05 / 127.0 * 4.0 + 1e-6,
+            "dequantisation error {deq}"
+        );
+    }
+
+    #[test]
+    fn outlier_columns_go_through_float() {
+        tch::manual_seed(1);
+        let w = Tensor::randn([32, 64], (Kind::Float, Device::Cpu)) * 0.05;
+        let x = Tensor::randn([4, 64], (Kind::Float, Device::Cpu)) * 0.5;
+        let _ = x.get(0).get(3).fill_(40.0);
+        let exact = x.matmul(&w.tr());
+        let with_outliers = Int8Weight::quantize(&w, 6.0).matmul_t(&x);
+        let without = Int8Weight::quantize(&w, 0.0).matmul_t(&x);
+        let err =
+            |y: &Tensor| (y - &exact).norm().double_value(&[]) / exact.norm().double_value(&[]);
+        assert!(
+            err(&with_outliers) < err(&without),
+            "outlier handling should help"
+        );
+        assert!(err(&with_outliers) < 0.02);
     }
 }

@@ -12,6 +12,8 @@ pub struct Weights {
     tensors: BTreeMap<String, Tensor>,
     device: Device,
     kind: Kind,
+    /// When set, linear layers are quantised to int8 with this outlier threshold.
+    int8_threshold: Option<f64>,
 }
 
 impl Weights {
@@ -46,11 +48,7 @@ impl Weights {
                 .with_context(|| format!("reading {}", file.display()))?;
             tensors.extend(named);
         }
-        Ok(Self {
-            tensors,
-            device,
-            kind,
-        })
+        Ok(Self::from_map(tensors, device, kind))
     }
 
     pub fn from_map(tensors: BTreeMap<String, Tensor>, device: Device, kind: Kind) -> Self {
@@ -58,7 +56,19 @@ impl Weights {
             tensors,
             device,
             kind,
+            int8_threshold: None,
         }
+    }
+
+    /// Linear layers built from these weights hold int8 weights (LLM.int8 outlier threshold
+    /// `threshold`; 0 disables the float path for outliers).
+    pub fn with_int8_linears(mut self, threshold: f64) -> Self {
+        self.int8_threshold = Some(threshold);
+        self
+    }
+
+    pub fn int8_threshold(&self) -> Option<f64> {
+        self.int8_threshold
     }
 
     pub fn device(&self) -> Device {

@@ -1,0 +1,214 @@
+//! `asr transcribe --local`: Whisper in-process, no services.
+//!
+//! Each 30 s window of the file is decoded on its own (short-form); seek-based long-form
+//! decoding with timestamps comes with the model core's next slice.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use asr_audio::pipeline::extract_all;
+use asr_audio::{FeaturePipeline, InputFormat, MelConfig, PipelineConfig, WINDOW_SAMPLES};
+use asr_whisper::{DecodeOptions, LoadOptions, LoadedModel, Precision, Task};
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+#[derive(Args)]
+pub struct TranscribeArgs {
+    /// Audio files (any format the audio library decodes).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Run the model in this process (the only mode until the services' Transcribe lands).
+    #[arg(long)]
+    pub local: bool,
+    /// HF-layout Whisper directory (`asr convert` makes one from faster-whisper's).
+    #[arg(long, env = "ASR_MODEL", default_value = "assets/whisper-base")]
+    pub model: PathBuf,
+    /// Language code (e.g. zh); detected from the first window when unset.
+    #[arg(long)]
+    pub language: Option<String>,
+    #[arg(long, value_enum, default_value_t = TaskArg::Transcribe)]
+    pub task: TaskArg,
+    /// Beam size; 1 is greedy.
+    #[arg(long, default_value_t = 1)]
+    pub beam: usize,
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Int8)]
+    pub precision: PrecisionArg,
+    /// "cpu", "cuda" or "cuda:N"; default CUDA when present.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum TaskArg {
+    Transcribe,
+    Translate,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum PrecisionArg {
+    Int8,
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+    Srt,
+    Vtt,
+}
+
+#[derive(Serialize)]
+struct FileResult {
+    file: String,
+    language: Option<String>,
+    text: String,
+    segments: Vec<SegmentOut>,
+}
+
+#[derive(Serialize)]
+struct SegmentOut {
+    start: f64,
+    end: f64,
+    text: String,
+}
+
+pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
+    if !args.local {
+        bail!("only --local transcription is available in this version (the services' Transcribe comes next)");
+    }
+    let device = match args.device.as_str() {
+        "auto" => tch::Device::cuda_if_available(),
+        "cpu" => tch::Device::Cpu,
+        "cuda" => tch::Device::Cuda(0),
+        other => tch::Device::Cuda(
+            other
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .with_context(|| format!("bad --device {other}"))?,
+        ),
+    };
+    let precision = match args.precision {
+        PrecisionArg::Int8 => Precision::Int8,
+        PrecisionArg::Fp32 => Precision::Fp32,
+        PrecisionArg::Fp16 => Precision::Fp16,
+        PrecisionArg::Bf16 => Precision::Bf16,
+    };
+    let model = LoadedModel::load(
+        &args.model,
+        LoadOptions {
+            device,
+            precision,
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("loading {}", args.model.display()))?;
+    let pipeline = FeaturePipeline::new(PipelineConfig {
+        mel: MelConfig::new(model.n_mels() as u32)?,
+        ..Default::default()
+    });
+    let options = DecodeOptions {
+        language: args.language.clone(),
+        task: match args.task {
+            TaskArg::Transcribe => Task::Transcribe,
+            TaskArg::Translate => Task::Translate,
+        },
+        beam_size: args.beam.max(1),
+        ..Default::default()
+    };
+    let mut results = Vec::new();
+    for file in &args.files {
+        let source =
+            std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+        let (_, frames, summary) = extract_all(
+            &pipeline,
+            std::io::BufReader::new(source),
+            InputFormat::Encoded,
+        )
+        .with_context(|| format!("reading {}", file.display()))?;
+        let windows =
+            asr_audio::windows_from_frames(&frames, model.n_mels(), summary.windows as usize);
+        let transcripts = model.transcribe_windows(&windows, &options)?;
+        let window_seconds = WINDOW_SAMPLES as f64 / 16_000.0;
+        let segments: Vec<SegmentOut> = transcripts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| SegmentOut {
+                start: i as f64 * window_seconds,
+                end: ((i + 1) as f64 * window_seconds).min(summary.duration_seconds),
+                text: t.text.trim().to_string(),
+            })
+            .collect();
+        let text = segments
+            .iter()
+            .map(|s| s.text.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let language = transcripts.first().and_then(|t| t.language.clone());
+        results.push(FileResult {
+            file: file.display().to_string(),
+            language,
+            text,
+            segments,
+        });
+    }
+    print_results(&results, args.format)
+}
+
+fn print_results(results: &[FileResult], format: OutputFormat) -> anyhow::Result<()> {
+    match format {
+        OutputFormat::Text => {
+            for r in results {
+                if results.len() > 1 {
+                    println!("{}: {}", r.file, r.text);
+                } else {
+                    println!("{}", r.text);
+                }
+            }
+        }
+        OutputFormat::Json => {
+            let value = if results.len() == 1 {
+                serde_json::to_value(&results[0])?
+            } else {
+                serde_json::to_value(results)?
+            };
+            println!("{}", serde_json::to_string_pretty(&value)?);
+        }
+        OutputFormat::Srt | OutputFormat::Vtt => {
+            let vtt = matches!(format, OutputFormat::Vtt);
+            if vtt {
+                println!("WEBVTT\n");
+            }
+            for r in results {
+                for (i, s) in r.segments.iter().enumerate() {
+                    if !vtt {
+                        println!("{}", i + 1);
+                    }
+                    println!(
+                        "{} --> {}\n{}\n",
+                        timestamp(s.start, vtt),
+                        timestamp(s.end, vtt),
+                        s.text
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `HH:MM:SS,mmm` (SRT) or `HH:MM:SS.mmm` (VTT).
+fn timestamp(seconds: f64, vtt: bool) -> String {
+    let millis = (seconds * 1000.0).round() as u64;
+    let (h, m, s, ms) = (
+        millis / 3_600_000,
+        millis / 60_000 % 60,
+        millis / 1000 % 60,
+        millis % 1000,
+    );
+    format!("{h:02}:{m:02}:{s:02}{}{ms:03}", if vtt { '.' } else { ',' })
+}

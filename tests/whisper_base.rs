@@ -1,0 +1,154 @@
+//! whisper-base (converted from the setup's CTranslate2 directory) against HF transformers on
+//! the espeak-ng Mandarin test clips: greedy text, CER, and int8 against fp32.
+
+use std::path::PathBuf;
+
+use asr_audio::InputFormat;
+use asr_whisper::metrics::cer;
+use asr_whisper::{DecodeOptions, LoadOptions, LoadedModel, Precision};
+use e2e_support::{assets, our_windows, run_reference};
+use tch::Device;
+
+const CLIPS: usize = 100;
+const BATCH: usize = 8;
+
+struct Clip {
+    path: PathBuf,
+    text: String,
+}
+
+fn test_clips(count: usize) -> Vec<Clip> {
+    let dir = assets().join("corpus/espeak");
+    std::fs::read_to_string(dir.join("test.jsonl"))
+        .expect("manifest")
+        .lines()
+        .take(count)
+        .map(|line| {
+            let entry: serde_json::Value = serde_json::from_str(line).expect("json");
+            Clip {
+                path: dir.join(entry["audio"].as_str().expect("audio")),
+                text: entry["text"].as_str().expect("text").to_string(),
+            }
+        })
+        .collect()
+}
+
+fn model_dir() -> PathBuf {
+    let dir = assets().join("whisper-base");
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "{} is missing: scripts/test.sh converts it",
+        dir.display()
+    );
+    dir
+}
+
+fn transcribe(model: &LoadedModel, windows: &[Vec<f32>]) -> Vec<String> {
+    let options = DecodeOptions {
+        language: Some("zh".into()),
+        ..Default::default()
+    };
+    windows
+        .chunks(BATCH)
+        .flat_map(|batch| {
+            model
+                .transcribe_windows(batch, &options)
+                .expect("transcribe")
+        })
+        .map(|w| w.text.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn greedy_text_matches_hf_and_int8_stays_within_a_cer_point() {
+    let clips = test_clips(CLIPS);
+    let windows: Vec<Vec<f32>> = clips
+        .iter()
+        .map(|clip| {
+            our_windows(
+                std::fs::read(&clip.path).expect("clip"),
+                InputFormat::Encoded,
+                80,
+            )
+            .0
+            .remove(0)
+        })
+        .collect();
+    let references: Vec<&str> = clips.iter().map(|c| c.text.as_str()).collect();
+
+    let job = serde_json::json!({
+        "engine": "hf", "model": model_dir(), "language": "zh", "beam_size": 1, "batch_size": BATCH,
+        "audio": clips.iter().map(|c| c.path.clone()).collect::<Vec<_>>(),
+    });
+    let hf: serde_json::Value = serde_json::from_str(&run_reference(
+        "transcribe_reference.py",
+        &[],
+        Some(&job.to_string()),
+    ))
+    .expect("json");
+    let hf_texts: Vec<String> = hf["texts"]
+        .as_array()
+        .expect("texts")
+        .iter()
+        .map(|t| t.as_str().expect("text").to_string())
+        .collect();
+
+    let fp32 = LoadedModel::load(
+        &model_dir(),
+        LoadOptions {
+            device: Device::Cpu,
+            precision: Precision::Fp32,
+            ..Default::default()
+        },
+    )
+    .expect("fp32 model");
+    let ours = transcribe(&fp32, &windows);
+    drop(fp32);
+    let int8 = LoadedModel::load(
+        &model_dir(),
+        LoadOptions {
+            device: Device::Cpu,
+            precision: Precision::Int8,
+            ..Default::default()
+        },
+    )
+    .expect("int8 model");
+    let ours_int8 = transcribe(&int8, &windows);
+
+    let identical = ours.iter().zip(&hf_texts).filter(|(a, b)| a == b).count();
+    for (i, ((a, b), r)) in ours
+        .iter()
+        .zip(&hf_texts)
+        .zip(&references)
+        .enumerate()
+        .filter(|(_, ((a, b), _))| a != b)
+        .take(10)
+    {
+        println!("clip {i}: ours {a:?} | hf {b:?} | reference {r:?}");
+    }
+    let cer_ours = cer(ours
+        .iter()
+        .map(String::as_str)
+        .zip(references.iter().copied()));
+    let cer_hf = cer(hf_texts
+        .iter()
+        .map(String::as_str)
+        .zip(references.iter().copied()));
+    let cer_int8 = cer(ours_int8
+        .iter()
+        .map(String::as_str)
+        .zip(references.iter().copied()));
+    println!("greedy text identical to HF on {identical}/{CLIPS} clips; CER ours fp32 {:.2}%, HF fp32 {:.2}%, ours int8 {:.2}%", cer_ours * 100.0, cer_hf * 100.0, cer_int8 * 100.0);
+    assert!(
+        identical * 100 >= 95 * CLIPS,
+        "only {identical}/{CLIPS} identical"
+    );
+    assert!(
+        (cer_ours - cer_hf).abs() <= 0.005,
+        "CER ours {cer_ours} vs HF {cer_hf}"
+    );
+    assert!(
+        (cer_int8 - cer_ours).abs() <= 0.01,
+        "CER int8 {cer_int8} vs fp32 {cer_ours}"
+    );
+}
