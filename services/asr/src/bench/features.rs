@@ -2,6 +2,8 @@
 //! clips, in one run, printing throughput ratios. Pin it to one core (`taskset -c 0`, as
 //! scripts/bench-features.sh does); the Python reference inherits the pinning.
 
+use super::{cpus_allowed, decode, manifest_audio};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -9,15 +11,8 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use std::sync::Arc;
 
-use asr_audio::decode::EncodedDecoder;
-use asr_audio::{Container, LogMelExtractor, MelConfig, MelFilterBank, WINDOW_SAMPLES};
-use clap::{Args, Subcommand};
-
-#[derive(Subcommand)]
-pub enum BenchCommand {
-    /// Log-mel features: ours vs HF (default torch path and numpy path).
-    Features(FeatureBenchArgs),
-}
+use asr_audio::{LogMelExtractor, MelConfig, MelFilterBank, WINDOW_SAMPLES};
+use clap::Args;
 
 #[derive(Args)]
 pub struct FeatureBenchArgs {
@@ -40,13 +35,7 @@ pub struct FeatureBenchArgs {
     work_dir: PathBuf,
 }
 
-pub fn run(command: BenchCommand) -> anyhow::Result<()> {
-    match command {
-        BenchCommand::Features(args) => features(args),
-    }
-}
-
-fn features(args: FeatureBenchArgs) -> anyhow::Result<()> {
+pub fn run(args: FeatureBenchArgs) -> anyhow::Result<()> {
     let clip_paths = manifest_audio(&args.manifest)?;
     let clips: Vec<Vec<f32>> = clip_paths
         .iter()
@@ -155,47 +144,6 @@ fn best_of(repeats: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-fn manifest_audio(manifest: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(manifest).with_context(|| {
-        format!(
-            "reading {} (run scripts/setup.sh first)",
-            manifest.display()
-        )
-    })?;
-    let base = manifest.parent().unwrap_or(Path::new("."));
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|line| {
-            let entry: serde_json::Value = serde_json::from_str(line)?;
-            let audio = entry["audio"]
-                .as_str()
-                .context("manifest line without audio")?;
-            Ok(base.join(audio))
-        })
-        .collect()
-}
-
-/// Samples of a 16 kHz mono clip (the corpus format): the benchmark times the log-mel step,
-/// so decoding happens before the clock starts, for both sides.
-fn decode(path: &Path) -> anyhow::Result<Vec<f32>> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut decoder = EncodedDecoder::open(std::io::BufReader::new(file), Container::Wav)?;
-    if decoder.sample_rate() != 16_000 {
-        bail!(
-            "{}: expected 16 kHz, got {} Hz",
-            path.display(),
-            decoder.sample_rate()
-        );
-    }
-    let mut samples = Vec::new();
-    while let Some(channels) = decoder.next_packet(&mut samples)? {
-        if channels != 1 {
-            bail!("{}: expected mono, got {channels} channels", path.display());
-        }
-    }
-    Ok(samples)
-}
-
 /// `count` windows of exactly 30 s, cycling through the clips.
 fn full_windows(clips: &[Vec<f32>], count: usize) -> Vec<Vec<f32>> {
     let mut stream = clips.iter().flatten().copied().cycle();
@@ -236,15 +184,4 @@ fn wav_f32(samples: &[f32]) -> Vec<u8> {
         out.extend_from_slice(&s.to_le_bytes());
     }
     out
-}
-
-fn cpus_allowed() -> String {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Cpus_allowed_list"))
-                .map(|l| l.split_whitespace().last().unwrap_or("").to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
