@@ -7,4 +7,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck source=scripts/env.sh
 source scripts/env.sh
+# whisper-base as an HF directory, converted once from the setup's CTranslate2 copy (assets/
+# lives in ~/.cache, so later runs find it).
+if [ ! -f assets/whisper-base/model.safetensors ]; then
+    cargo run -q --locked -p asr -- convert --from ct2 assets/whisper-base-ct2 assets/whisper-base --force
+fi
 cargo test --workspace --locked "$@"

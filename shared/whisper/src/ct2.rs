@@ -5,6 +5,7 @@
 //! and by this crate's [`crate::weights::Weights`]. Pure Rust (no libtorch).
 
 pub mod convert;
+mod hf_files;
 pub mod reader;
 
 #[cfg(test)]

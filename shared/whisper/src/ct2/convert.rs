@@ -29,15 +29,15 @@
 //! fails naming it.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use safetensors::{Dtype, View};
 use serde::Serialize;
-use serde_json::{json, Map, Value};
 
+use super::hf_files::{check_destination, install, sibling, Specials, Staging};
 use super::reader::{f32_to_bf16, f32_to_f16, read_model_bin, Ct2DType, Ct2Model};
 use crate::config::WhisperConfig;
 
@@ -338,284 +338,78 @@ fn infer_architecture(model: &Ct2Model) -> Result<WhisperConfig> {
     Ok(config)
 }
 
-/// Special tokens of tokenizer.json (added tokens and BPE vocabulary).
-struct Tokens {
-    by_content: HashMap<String, i64>,
-    by_id: BTreeMap<i64, String>,
-    /// (id, content) of the added tokens marked special, by id.
-    special: Vec<(i64, String)>,
-}
-
-impl Tokens {
-    fn read(json: &Value) -> Result<Self> {
-        let mut tokens = Tokens {
-            by_content: HashMap::new(),
-            by_id: BTreeMap::new(),
-            special: Vec::new(),
-        };
-        if let Some(vocab) = json["model"]["vocab"].as_object() {
-            for (content, id) in vocab {
-                tokens.insert(content, id.as_i64().context("tokenizer.json: vocab id")?);
-            }
-        }
-        for added in json["added_tokens"]
-            .as_array()
-            .context("tokenizer.json has no added_tokens")?
-        {
-            let (content, id) = (
-                added["content"].as_str().context("added token content")?,
-                added["id"].as_i64().context("added token id")?,
-            );
-            tokens.insert(content, id);
-            if added["special"].as_bool().unwrap_or(false) {
-                tokens.special.push((id, content.to_string()));
-            }
-        }
-        tokens.special.sort();
-        Ok(tokens)
-    }
-
-    fn insert(&mut self, content: &str, id: i64) {
-        self.by_content.insert(content.to_string(), id);
-        self.by_id.insert(id, content.to_string());
-    }
-
-    fn id(&self, content: &str) -> Result<i64> {
-        self.by_content
-            .get(content)
-            .copied()
-            .with_context(|| format!("tokenizer.json has no {content}"))
-    }
-}
-
-fn ids(value: &Value) -> Option<Vec<i64>> {
-    value.as_array()?.iter().map(Value::as_i64).collect()
-}
-
-fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)? + "\n";
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
-}
-
-/// Removes the staging directory unless it was moved into place.
-struct Staging(PathBuf);
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn sibling(dst: &Path, tag: &str) -> Result<PathBuf> {
-    let name = dst
-        .file_name()
-        .with_context(|| format!("{} has no file name", dst.display()))?;
-    Ok(dst.with_file_name(format!(
-        ".{}.{tag}-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    )))
-}
-
-/// Whether `dst` may be (re)placed: absent, an empty directory, or `overwrite`.
-fn check_destination(dst: &Path, overwrite: bool) -> Result<()> {
-    if dst.exists() && !overwrite {
-        let empty = dst.is_dir() && std::fs::read_dir(dst)?.next().is_none();
-        ensure!(
-            empty,
-            "{} exists and is not empty (replace it with --force)",
-            dst.display()
-        );
-    }
-    Ok(())
-}
-
-/// Converts the CTranslate2 Whisper directory `src` into an HF directory `dst`, written in a
-/// staging directory beside `dst` and renamed into place when complete.
-pub fn convert_to_hf(src: &Path, dst: &Path, options: &ConvertOptions) -> Result<ConvertReport> {
-    check_destination(dst, options.overwrite)?;
-    let model = read_model_bin(&src.join("model.bin"))?;
-    ensure!(
-        model.spec == "WhisperSpec",
-        "{} holds a {:?} model, not WhisperSpec",
-        src.display(),
-        model.spec
-    );
-    ensure!(
-        model.revision <= 3,
-        "WhisperSpec revision {} is newer than this converter knows (3)",
-        model.revision
-    );
-    let ct2_config: Value = match std::fs::read_to_string(src.join("config.json")) {
-        Ok(text) => serde_json::from_str(&text).context("parsing config.json")?,
-        Err(_) => json!({}),
-    };
-    let tokenizer_text = std::fs::read_to_string(src.join("tokenizer.json"))
-        .with_context(|| format!("reading {}/tokenizer.json", src.display()))?;
-    let tokenizer: Value =
-        serde_json::from_str(&tokenizer_text).context("parsing tokenizer.json")?;
-    let tokens = Tokens::read(&tokenizer)?;
-
-    let mut config = infer_architecture(&model)?;
+/// Plans every HF tensor of the model (HF's names, `config`'s shapes) and checks that every
+/// non-scalar variable of model.bin is used. Returns the tensors and whether the output
+/// projection is tied to the embeddings.
+fn plan_whisper<'a>(
+    model: &'a Ct2Model,
+    out: Out,
+    config: &WhisperConfig,
+) -> Result<(Vec<(String, Planned<'a>)>, bool)> {
     let (d, mels, vocab) = (config.d_model, config.num_mel_bins, config.vocab_size);
-    let (enc_layers, dec_layers, dec_heads) = (
-        config.encoder_layers,
-        config.decoder_layers,
-        config.decoder_attention_heads,
-    );
-    let (max_source, max_target) = (config.max_source_positions, config.max_target_positions);
-    ensure!(
-        enc_layers > 0 && dec_layers > 0,
-        "no encoder/layer_0 or decoder/layer_0 in model.bin"
-    );
-    let eot = tokens.id("<|endoftext|>")?;
-    let sot = tokens.id("<|startoftranscript|>")?;
-    let no_timestamps = tokens.id("<|notimestamps|>")?;
-    let (transcribe, translate) = (tokens.id("<|transcribe|>")?, tokens.id("<|translate|>")?);
-    let sot_prev = tokens.id("<|startofprev|>")?;
-    ensure!(
-        no_timestamps < vocab as i64,
-        "<|notimestamps|> = {no_timestamps} is outside the vocabulary ({vocab})"
-    );
-    // CTranslate2's vocabulary (.txt, or .json since 3.x) lists every id, timestamps included.
-    let listed: Option<Vec<String>> = match std::fs::read_to_string(src.join("vocabulary.txt")) {
-        Ok(text) => Some(text.lines().map(str::to_string).collect()),
-        Err(_) => match std::fs::read_to_string(src.join("vocabulary.json")) {
-            Ok(text) => Some(serde_json::from_str(&text).context("parsing vocabulary.json")?),
-            Err(_) => None,
-        },
-    };
-    if let Some(listed) = listed {
-        ensure!(
-            listed.len() == vocab,
-            "the vocabulary file has {} tokens, the embeddings {vocab}",
-            listed.len()
-        );
-        for id in [eot, sot, transcribe, translate, sot_prev, no_timestamps] {
-            ensure!(
-                listed[id as usize] == tokens.by_id[&id],
-                "token {id}: the vocabulary file says {:?}, tokenizer.json {:?}",
-                listed[id as usize],
-                tokens.by_id[&id]
-            );
-        }
-    }
-    let lang_ids = match ids(&ct2_config["lang_ids"]) {
-        Some(langs) if !langs.is_empty() => langs,
-        _ => tokens
-            .special
-            .iter()
-            .map(|(id, _)| *id)
-            .filter(|id| *id > sot && *id < translate)
-            .collect(),
-    };
-    let mut lang_to_id = Map::new();
-    for id in &lang_ids {
-        let token = tokens
-            .by_id
-            .get(id)
-            .with_context(|| format!("language id {id} is not in tokenizer.json"))?;
-        ensure!(
-            token.starts_with("<|") && token.ends_with("|>"),
-            "language id {id} is {token:?}"
-        );
-        lang_to_id.insert(token.clone(), json!(id));
-    }
-    let multilingual = !lang_to_id.is_empty();
-    let suppress = ids(&ct2_config["suppress_ids"]).unwrap_or_default();
-    let begin_suppress = ids(&ct2_config["suppress_ids_begin"]).unwrap_or_else(|| {
-        vec![
-            tokens.by_content.get("\u{120}").copied().unwrap_or(220),
-            eot,
-        ]
-    });
-    let alignment_heads = match ct2_config.get("alignment_heads") {
-        Some(heads) if heads.is_array() => heads.clone(),
-        // CTranslate2's default: every head of the second half of the decoder layers.
-        _ => json!((dec_layers / 2..dec_layers)
-            .flat_map(|l| (0..dec_heads).map(move |h| [l, h]))
-            .collect::<Vec<_>>()),
-    };
-    config.eos_token_id = eot;
-    config.pad_token_id = eot;
-    config.bos_token_id = eot;
-    config.decoder_start_token_id = sot;
-    config.suppress_tokens = Some(suppress.clone());
-    config.begin_suppress_tokens = Some(begin_suppress.clone());
-    config.validate()?;
-
-    // The tensors.
-    let out = match options.dtype {
-        OutputDType::F32 => Out::F32,
-        OutputDType::F16 => Out::F16,
-        OutputDType::BF16 => Out::BF16,
-        OutputDType::Same => model
-            .get("encoder/layer_norm/gamma")
-            .and_then(|v| Out::of(v.dtype))
-            .unwrap_or(Out::F32),
-    };
     let mut plan = Planner {
-        model: &model,
+        model,
         out,
         tensors: Vec::new(),
         used: BTreeSet::new(),
     };
+    let enc = "model.encoder";
     plan.add(
-        "model.encoder.conv1.weight".into(),
+        format!("{enc}.conv1.weight"),
         "encoder/conv1/weight",
         None,
         &[d, mels, 3],
     )?;
     plan.add(
-        "model.encoder.conv1.bias".into(),
+        format!("{enc}.conv1.bias"),
         "encoder/conv1/bias",
         None,
         &[d],
     )?;
     plan.add(
-        "model.encoder.conv2.weight".into(),
+        format!("{enc}.conv2.weight"),
         "encoder/conv2/weight",
         None,
         &[d, d, 3],
     )?;
     plan.add(
-        "model.encoder.conv2.bias".into(),
+        format!("{enc}.conv2.bias"),
         "encoder/conv2/bias",
         None,
         &[d],
     )?;
+    let positions = [config.max_source_positions, d];
     plan.add(
-        "model.encoder.embed_positions.weight".into(),
+        format!("{enc}.embed_positions.weight"),
         "encoder/position_encodings/encodings",
         None,
-        &[max_source, d],
+        &positions,
     )?;
-    for i in 0..enc_layers {
+    for i in 0..config.encoder_layers {
         plan.layer_common(
-            &format!("model.encoder.layers.{i}"),
+            &format!("{enc}.layers.{i}"),
             &format!("encoder/layer_{i}"),
             d,
             config.encoder_ffn_dim,
         )?;
     }
-    plan.norm("model.encoder.layer_norm", "encoder/layer_norm", d)?;
+    plan.norm(&format!("{enc}.layer_norm"), "encoder/layer_norm", d)?;
+    let dec = "model.decoder";
     plan.add(
-        "model.decoder.embed_tokens.weight".into(),
+        format!("{dec}.embed_tokens.weight"),
         "decoder/embeddings/weight",
         None,
         &[vocab, d],
     )?;
+    let positions = [config.max_target_positions, d];
     plan.add(
-        "model.decoder.embed_positions.weight".into(),
+        format!("{dec}.embed_positions.weight"),
         "decoder/position_encodings/encodings",
         None,
-        &[max_target, d],
+        &positions,
     )?;
-    for i in 0..dec_layers {
-        let (hf, ct2) = (
-            format!("model.decoder.layers.{i}"),
-            format!("decoder/layer_{i}"),
-        );
+    for i in 0..config.decoder_layers {
+        let (hf, ct2) = (format!("{dec}.layers.{i}"), format!("decoder/layer_{i}"));
         plan.layer_common(&hf, &ct2, d, config.decoder_ffn_dim)?;
         plan.linear(
             &format!("{hf}.encoder_attn.q_proj"),
@@ -623,10 +417,11 @@ pub fn convert_to_hf(src: &Path, dst: &Path, options: &ConvertOptions) -> Result
             d,
             d,
         )?;
+        let kv = [("k_proj", false), ("v_proj", true)];
         plan.fused(
             &format!("{hf}.encoder_attn"),
             &format!("{ct2}/attention/linear_1"),
-            &[("k_proj", false), ("v_proj", true)],
+            &kv,
             d,
         )?;
         plan.linear(
@@ -641,7 +436,7 @@ pub fn convert_to_hf(src: &Path, dst: &Path, options: &ConvertOptions) -> Result
             d,
         )?;
     }
-    plan.norm("model.decoder.layer_norm", "decoder/layer_norm", d)?;
+    plan.norm(&format!("{dec}.layer_norm"), "decoder/layer_norm", d)?;
     // The output projection: an alias of the embeddings (tied), equal to them, or its own.
     let tied = match model.resolve("decoder/projection/weight") {
         None => true,
@@ -666,8 +461,9 @@ pub fn convert_to_hf(src: &Path, dst: &Path, options: &ConvertOptions) -> Result
         }
     };
     if let Some(bias) = model.get("decoder/projection/bias") {
+        let zero = (0..bias.numel()).all(|i| bias.value(i) == 0.0);
         ensure!(
-            (0..bias.numel()).all(|i| bias.value(i) == 0.0),
+            zero,
             "decoder/projection/bias is not zero; HF Whisper has no output bias"
         );
         plan.used.extend(model.resolve("decoder/projection/bias"));
@@ -682,21 +478,56 @@ pub fn convert_to_hf(src: &Path, dst: &Path, options: &ConvertOptions) -> Result
         unused.is_empty(),
         "model.bin variables this converter does not map: {unused:?}"
     );
+    Ok((plan.tensors, tied))
+}
 
+/// Converts the CTranslate2 Whisper directory `src` into an HF directory `dst`, written in a
+/// staging directory beside `dst` and renamed into place when complete.
+pub fn convert_to_hf(src: &Path, dst: &Path, options: &ConvertOptions) -> Result<ConvertReport> {
+    check_destination(dst, options.overwrite)?;
+    let model = read_model_bin(&src.join("model.bin"))?;
+    ensure!(
+        model.spec == "WhisperSpec",
+        "{} holds a {:?} model, not WhisperSpec",
+        src.display(),
+        model.spec
+    );
+    ensure!(
+        model.revision <= 3,
+        "WhisperSpec revision {} is newer than this converter knows (3)",
+        model.revision
+    );
+    let mut config = infer_architecture(&model)?;
+    ensure!(
+        config.encoder_layers > 0 && config.decoder_layers > 0,
+        "no encoder/layer_0 or decoder/layer_0 in model.bin"
+    );
+    let specials = Specials::read(src, &config)?;
+    specials.apply(&mut config);
+    config.validate()?;
+
+    let out = match options.dtype {
+        OutputDType::F32 => Out::F32,
+        OutputDType::F16 => Out::F16,
+        OutputDType::BF16 => Out::BF16,
+        OutputDType::Same => model
+            .get("encoder/layer_norm/gamma")
+            .and_then(|v| Out::of(v.dtype))
+            .unwrap_or(Out::F32),
+    };
+    let (tensors, tied) = plan_whisper(&model, out, &config)?;
+    let count = tensors.len();
+    let parameters = tensors
+        .iter()
+        .map(|(_, t)| t.shape.iter().product::<usize>() as u64)
+        .sum();
     let source_types: BTreeSet<&str> = model
         .variables
         .values()
         .filter(|v| !v.is_scalar())
         .map(|v| v.dtype.name())
         .collect();
-    let parameters: u64 = plan
-        .tensors
-        .iter()
-        .map(|(_, t)| t.shape.iter().product::<usize>() as u64)
-        .sum();
-    let tensors = plan.tensors.len();
 
-    // Write everything into a staging directory beside dst.
     if let Some(parent) = dst.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
@@ -706,182 +537,21 @@ pub fn convert_to_hf(src: &Path, dst: &Path, options: &ConvertOptions) -> Result
     std::fs::create_dir(&staging.0).with_context(|| format!("creating {}", staging.0.display()))?;
     let dir = staging.0.as_path();
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(plan.tensors, Some(metadata), &dir.join("model.safetensors"))
+    safetensors::serialize_to_file(tensors, Some(metadata), &dir.join("model.safetensors"))
         .context("writing model.safetensors")?;
-
-    let dtype_name = out.name().to_string();
-    let mut hf_config = serde_json::to_value(&config)?;
-    let extra = json!({
-        "model_type": "whisper",
-        "architectures": ["WhisperForConditionalGeneration"],
-        "is_encoder_decoder": true,
-        "num_hidden_layers": enc_layers,
-        "tie_word_embeddings": tied,
-        "use_cache": true,
-        "dropout": 0.0,
-        "attention_dropout": 0.0,
-        "activation_dropout": 0.0,
-        "encoder_layerdrop": 0.0,
-        "decoder_layerdrop": 0.0,
-        "init_std": 0.02,
-        "apply_spec_augment": false,
-        "use_weighted_layer_sum": false,
-        "classifier_proj_size": 256,
-        "median_filter_width": 7,
-        "dtype": dtype_name,
-    });
-    hf_config
-        .as_object_mut()
-        .unwrap()
-        .extend(extra.as_object().unwrap().clone());
-    write_json(&dir.join("config.json"), &hf_config)?;
-
-    let mut generation = json!({
-        "alignment_heads": alignment_heads,
-        "begin_suppress_tokens": begin_suppress,
-        "bos_token_id": eot,
-        "decoder_start_token_id": sot,
-        "eos_token_id": eot,
-        "pad_token_id": eot,
-        "is_multilingual": multilingual,
-        "max_initial_timestamp_index": 50,
-        "max_length": max_target,
-        "no_timestamps_token_id": no_timestamps,
-        "prev_sot_token_id": sot_prev,
-        "return_timestamps": false,
-        "suppress_tokens": suppress,
-    });
-    if multilingual {
-        generation["lang_to_id"] = Value::Object(lang_to_id);
-        generation["task_to_id"] = json!({"transcribe": transcribe, "translate": translate});
-        // As openai/whisper-*: a bare `generate()` detects the language and transcribes
-        // (transformers ignores this when `language` or `task` is given).
-        generation["forced_decoder_ids"] = json!([[1, null], [2, transcribe]]);
-    }
-    write_json(&dir.join("generation_config.json"), &generation)?;
-
-    write_tokenizer_files(dir, &tokenizer_text, &tokenizer, &tokens, eot)?;
-    write_json(
-        &dir.join("preprocessor_config.json"),
-        &json!({
-            "chunk_length": 30,
-            "feature_extractor_type": "WhisperFeatureExtractor",
-            "feature_size": mels,
-            "hop_length": 160,
-            "n_fft": 400,
-            "n_samples": 480000,
-            "nb_max_frames": 3000,
-            "padding_side": "right",
-            "padding_value": 0.0,
-            "processor_class": "WhisperProcessor",
-            "return_attention_mask": false,
-            "sampling_rate": 16000,
-        }),
-    )?;
-
+    specials.write(dir, &config, tied, out.name())?;
     let mut bytes_written = 0;
     for entry in std::fs::read_dir(dir)? {
         bytes_written += entry?.metadata()?.len();
     }
     install(dir, dst, options.overwrite)?;
     Ok(ConvertReport {
-        tensors,
+        tensors: count,
         parameters,
-        dtype: dtype_name,
+        dtype: out.name().to_string(),
         source_dtype: source_types.into_iter().collect::<Vec<_>>().join("+"),
         bytes_written,
         tied_output: tied,
         config,
     })
-}
-
-/// tokenizer.json as it came, plus what HF's WhisperTokenizer (fast and slow) reads beside it.
-fn write_tokenizer_files(
-    dir: &Path,
-    text: &str,
-    json: &Value,
-    tokens: &Tokens,
-    eot: i64,
-) -> Result<()> {
-    std::fs::write(dir.join("tokenizer.json"), text).context("writing tokenizer.json")?;
-    let eot_token = &tokens.by_id[&eot];
-    let additional: Vec<&String> = tokens
-        .special
-        .iter()
-        .filter(|(id, _)| *id > eot)
-        .map(|(_, t)| t)
-        .collect();
-    write_json(
-        &dir.join("tokenizer_config.json"),
-        &json!({
-            "tokenizer_class": "WhisperTokenizer",
-            "processor_class": "WhisperProcessor",
-            "add_prefix_space": false,
-            "additional_special_tokens": additional,
-            "bos_token": eot_token,
-            "eos_token": eot_token,
-            "pad_token": eot_token,
-            "unk_token": eot_token,
-            // transformers 5 ignores (and warns about) true for BPE; 4.x would strip spaces
-            // before punctuation.
-            "clean_up_tokenization_spaces": false,
-            "errors": "replace",
-            "model_max_length": 1024,
-            "return_attention_mask": false,
-        }),
-    )?;
-    write_json(
-        &dir.join("special_tokens_map.json"),
-        &json!({"additional_special_tokens": additional, "bos_token": eot_token, "eos_token": eot_token, "pad_token": eot_token, "unk_token": eot_token}),
-    )?;
-    let vocab = json["model"]["vocab"]
-        .as_object()
-        .context("tokenizer.json has no BPE vocab")?;
-    write_json(&dir.join("vocab.json"), &Value::Object(vocab.clone()))?;
-    let added: Map<String, Value> = tokens
-        .special
-        .iter()
-        .filter(|(_, t)| !vocab.contains_key(t))
-        .map(|(id, t)| (t.clone(), json!(id)))
-        .collect();
-    write_json(&dir.join("added_tokens.json"), &Value::Object(added))?;
-    let mut merges = String::from("#version: 0.2\n");
-    for merge in json["model"]["merges"]
-        .as_array()
-        .context("tokenizer.json has no BPE merges")?
-    {
-        match merge {
-            Value::String(pair) => merges.push_str(pair),
-            Value::Array(pair) => merges.push_str(
-                &pair
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            ),
-            _ => bail!("tokenizer.json: a merge is neither a string nor a pair"),
-        }
-        merges.push('\n');
-    }
-    std::fs::write(dir.join("merges.txt"), merges).context("writing merges.txt")
-}
-
-/// Moves the finished staging directory to `dst` (replacing an empty one, or any with
-/// `overwrite`).
-fn install(staged: &Path, dst: &Path, overwrite: bool) -> Result<()> {
-    check_destination(dst, overwrite)?;
-    if dst.exists() {
-        let old = sibling(dst, "old")?;
-        std::fs::rename(dst, &old).with_context(|| format!("moving {} aside", dst.display()))?;
-        std::fs::rename(staged, dst).with_context(|| format!("renaming into {}", dst.display()))?;
-        let removed = if old.is_dir() {
-            std::fs::remove_dir_all(&old)
-        } else {
-            std::fs::remove_file(&old)
-        };
-        removed.with_context(|| format!("removing {}", old.display()))?;
-    } else {
-        std::fs::rename(staged, dst).with_context(|| format!("renaming into {}", dst.display()))?;
-    }
-    Ok(())
 }

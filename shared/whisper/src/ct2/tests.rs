@@ -224,7 +224,7 @@ fn converts_a_tiny_model_to_hf_names_and_values() {
     assert_eq!(report.source_dtype, "bfloat16+float16+float32+int8");
     assert_eq!(
         report.parameters,
-        values.iter().map(|(_, v)| v.len() as u64).sum::<u64>() - 5 * D as u64,
+        values.values().map(|v| v.len() as u64).sum::<u64>() - 5 * D as u64,
         "all but the k biases"
     );
 
