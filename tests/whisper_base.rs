@@ -152,3 +152,92 @@ fn greedy_text_matches_hf_and_int8_stays_within_a_cer_point() {
         "CER int8 {cer_int8} vs fp32 {cer_ours}"
     );
 }
+
+/// Beam search 5 against CTranslate2's (faster-whisper's engine) on identical features: the
+/// decoders are compared, not the front ends (faster-whisper pads features, HF pads audio).
+#[test]
+fn beam5_matches_ctranslate2_on_the_same_features() {
+    let clips = test_clips(CLIPS);
+    let windows: Vec<Vec<f32>> = clips
+        .iter()
+        .map(|clip| {
+            our_windows(
+                std::fs::read(&clip.path).expect("clip"),
+                InputFormat::Encoded,
+                80,
+            )
+            .0
+            .remove(0)
+        })
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let features = dir.path().join("features.npy");
+    asr_audio::npy::write_f32(
+        std::fs::File::create(&features).expect("npy"),
+        &[windows.len(), 80, 3000],
+        &windows.concat(),
+    )
+    .expect("write");
+    let model = LoadedModel::load(
+        &model_dir(),
+        LoadOptions {
+            device: Device::Cpu,
+            precision: Precision::Fp32,
+            ..Default::default()
+        },
+    )
+    .expect("fp32 model");
+    let prompt = model
+        .generation
+        .prompt(Some("zh"), asr_whisper::Task::Transcribe, false)
+        .expect("prompt");
+    let ct2_dir = assets().join("whisper-base-ct2");
+    let output = run_reference(
+        "ct2_generate.py",
+        &[
+            ct2_dir.to_str().expect("path"),
+            features.to_str().expect("path"),
+            "5",
+        ],
+        Some(&serde_json::to_string(&prompt).expect("json")),
+    );
+    let theirs: Vec<Vec<i64>> = serde_json::from_str(output.trim()).expect("tokens");
+    let options = DecodeOptions {
+        language: Some("zh".into()),
+        beam_size: 5,
+        ..Default::default()
+    };
+    let ours: Vec<Vec<i64>> = windows
+        .chunks(BATCH)
+        .flat_map(|batch| model.transcribe_windows(batch, &options).expect("beam"))
+        .map(|t| {
+            t.tokens
+                .into_iter()
+                .filter(|&id| id != model.generation.eos_token_id)
+                .collect()
+        })
+        .collect();
+    let identical = ours.iter().zip(&theirs).filter(|(a, b)| a == b).count();
+    for (i, (a, b)) in ours
+        .iter()
+        .zip(&theirs)
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .take(5)
+    {
+        println!(
+            "clip {i}: ours {:?} | ct2 {:?}",
+            model.tokenizer.decode(a).unwrap_or_default(),
+            model.tokenizer.decode(b).unwrap_or_default()
+        );
+    }
+    println!(
+        "beam 5 tokens identical to CTranslate2 on {identical}/{} clips",
+        windows.len()
+    );
+    assert!(
+        identical * 100 >= 90 * windows.len(),
+        "only {identical}/{} identical",
+        windows.len()
+    );
+}

@@ -112,3 +112,66 @@ fn tiny_whisper_80_mels_matches_hf() {
 fn tiny_whisper_128_mels_matches_hf() {
     check(128);
 }
+
+/// On a machine with CUDA: the tiny model's logits on the GPU match the CPU's within fp32
+/// tolerance, and greedy decoding agrees (scripts/gpu-check.sh runs this). Without CUDA it
+/// says so and checks nothing.
+#[test]
+fn tiny_whisper_cuda_matches_cpu() {
+    if !tch::Cuda::is_available() {
+        println!(
+            "no CUDA device: the CPU/CUDA comparison runs on a GPU machine (scripts/gpu-check.sh)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().to_str().expect("utf-8");
+    run_reference("tiny_whisper.py", &[out, "80", "4", "10"], None);
+    let model_dir = dir.path().join("model");
+    let config = WhisperConfig::from_file(&model_dir.join("config.json")).expect("config");
+    let generation = GenerationConfig::from_file(&model_dir.join("generation_config.json"))
+        .expect("generation config");
+    let load = |device: Device| {
+        Whisper::load(
+            Weights::from_dir(&model_dir, device, Kind::Float).expect("weights"),
+            &config,
+        )
+        .expect("model")
+    };
+    let (cpu, cuda) = (load(Device::Cpu), load(Device::Cuda(0)));
+    let inputs = tensor(&dir.path().join("inputs.npy"));
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("tokens.json")).expect("tokens"),
+    )
+    .expect("json");
+    let tokens: Vec<i64> = reference["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|t| t.as_i64().expect("id"))
+        .collect();
+    let logits = |model: &Whisper, device: Device| {
+        tch::no_grad(|| {
+            let mel = inputs.to_device(device);
+            let mut cache = model.decoder.new_cache(&model.encoder.forward(&mel));
+            let t = Tensor::from_slice(&tokens)
+                .to_device(device)
+                .unsqueeze(0)
+                .repeat([mel.size()[0], 1]);
+            model.decoder.forward(&t, &mut cache).to_device(Device::Cpu)
+        })
+    };
+    let err = max_abs(&logits(&cpu, Device::Cpu), &logits(&cuda, Device::Cuda(0)));
+    println!("tiny model logits, max |cpu - cuda| = {err:.2e}");
+    assert!(err <= 1e-3, "CUDA logits differ from CPU by {err}");
+    let prompt: Vec<i64> = tokens[..4].to_vec();
+    let on_cpu = asr_whisper::greedy::greedy(&cpu, &generation, &inputs, &prompt, 10);
+    let on_cuda = asr_whisper::greedy::greedy(
+        &cuda,
+        &generation,
+        &inputs.to_device(Device::Cuda(0)),
+        &prompt,
+        10,
+    );
+    assert_eq!(on_cpu, on_cuda, "greedy tokens differ between CPU and CUDA");
+}
