@@ -7,6 +7,9 @@ use tch::{Kind, Tensor};
 use crate::generation::GenerationConfig;
 use crate::model::Whisper;
 
+/// Windows encoded at a time (see [`crate::model::Encoder::forward_in_chunks`]).
+pub const ENCODER_CHUNK: i64 = 2;
+
 /// Bans `tokens` (ids outside the vocabulary are ignored) from `logits` `[B, V]`.
 pub fn suppress(logits: &mut Tensor, tokens: &[i64]) {
     let vocab = logits.size()[1];
@@ -33,7 +36,7 @@ pub fn greedy(
 ) -> Vec<Vec<i64>> {
     tch::no_grad(|| {
         let batch = mel.size()[0];
-        let encoder_out = model.encoder.forward(mel);
+        let encoder_out = model.encoder.forward_in_chunks(mel, ENCODER_CHUNK);
         let mut cache = model.decoder.new_cache(&encoder_out);
         let prompt_tensor = Tensor::from_slice(prompt)
             .to_device(mel.device())

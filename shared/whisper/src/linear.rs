@@ -49,12 +49,13 @@ impl Int8Weight {
         self.q_t.tr().to_kind(Kind::Float) * self.scale.unsqueeze(1)
     }
 
-    /// `x [M, in]` (float) times the weight's transpose, `[M, out]` in float32.
+    /// `x [M, in]` (float) times the weight's transpose, `[M, out]` in float32. In-place steps
+    /// keep the temporaries to about three activation-sized tensors.
     fn matmul_t(&self, x: &Tensor) -> Tensor {
         let x = x.to_kind(Kind::Float);
+        let mut magnitude = x.abs();
         let outliers = if self.outlier_threshold > 0.0 {
-            let columns = x
-                .abs()
+            let columns = magnitude
                 .gt(self.outlier_threshold)
                 .any_dim(0, false)
                 .nonzero()
@@ -64,16 +65,23 @@ impl Int8Weight {
             None
         };
         let regular = match &outliers {
-            Some(columns) => x.index_fill(1, columns, 0.0),
+            Some(columns) => {
+                let _ = magnitude.index_fill_(1, columns, 0.0);
+                x.index_fill(1, columns, 0.0)
+            }
             None => x.shallow_clone(),
         };
-        let row_scale = (regular.abs().amax([1], true) / 127.0).clamp_min(1e-12);
-        let xq = (&regular / &row_scale)
-            .round()
-            .clamp(-127.0, 127.0)
-            .to_kind(Kind::Int8);
-        let acc = int_mm(&xq, &self.q_t);
-        let mut y = acc.to_kind(Kind::Float) * &row_scale * self.scale.unsqueeze(0);
+        let row_scale = (magnitude.amax([1], true) / 127.0).clamp_min(1e-12);
+        drop(magnitude);
+        let mut scaled = &regular / &row_scale;
+        drop(regular);
+        let _ = scaled.round_().clamp_(-127.0, 127.0);
+        let xq = scaled.to_kind(Kind::Int8);
+        drop(scaled);
+        let mut y = int_mm(&xq, &self.q_t).to_kind(Kind::Float);
+        drop(xq);
+        y *= &row_scale;
+        y *= self.scale.unsqueeze(0);
         if let Some(columns) = outliers {
             // The outlier columns in float: x[:, cols] @ (q[:, cols] * scale)^T.
             let w_cols =

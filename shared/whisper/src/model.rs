@@ -153,6 +153,21 @@ impl Encoder {
         })
     }
 
+    /// [`Self::forward`] over at most `chunk` windows at a time: the self-attention of a window
+    /// holds `heads x 1500 x 1500` scores (72 MB in f32 for whisper-base), so encoding a large
+    /// batch at once multiplies the peak memory without making the CPU any faster.
+    pub fn forward_in_chunks(&self, mel: &Tensor, chunk: i64) -> Tensor {
+        let batch = mel.size()[0];
+        if batch <= chunk {
+            return self.forward(mel);
+        }
+        let parts: Vec<Tensor> = (0..batch)
+            .step_by(chunk.max(1) as usize)
+            .map(|start| self.forward(&mel.narrow(0, start, chunk.min(batch - start))))
+            .collect();
+        Tensor::cat(&parts, 0)
+    }
+
     /// `[B, n_mels, 3000]` normalised log-mel windows -> `[B, 1500, d_model]`.
     pub fn forward(&self, mel: &Tensor) -> Tensor {
         let xs = mel

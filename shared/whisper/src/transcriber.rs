@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::beam::{beam_search, BeamOptions};
 use crate::generation::{GenerationConfig, Task};
-use crate::greedy::greedy;
+use crate::greedy::{greedy, ENCODER_CHUNK};
 use crate::linear::DEFAULT_OUTLIER_THRESHOLD;
 use crate::model::Whisper;
 use crate::tokenizer::WhisperTokenizer;
@@ -159,7 +159,7 @@ impl LoadedModel {
             .unzip();
         anyhow::ensure!(!ids.is_empty(), "this model has no language tokens");
         tch::no_grad(|| {
-            let encoder_out = self.model.encoder.forward(mel);
+            let encoder_out = self.model.encoder.forward_in_chunks(mel, ENCODER_CHUNK);
             let mut cache = self.model.decoder.new_cache(&encoder_out);
             let start = Tensor::from_slice(&[self.generation.decoder_start_token_id])
                 .to_device(mel.device())
