@@ -36,6 +36,12 @@ echo "== log-mel features of $clip (reference text: 甚至出现交易几乎停�
 "$bin/asr" features "$clip" --out "$work/local.npy"
 cmp "$work/remote.npy" "$work/local.npy" && echo "feature service and local extraction agree byte for byte"
 
-echo "== transcription and LoRA training"
-echo "not available yet: the Whisper model core (issue 3), the LoRA trainer (issue 4) and the"
-echo "Transcribe/Train RPCs (issue 5) come next; the model service answers them UNIMPLEMENTED."
+echo "== transcription (whisper-base, int8, language zh, in-process)"
+if [ ! -f assets/whisper-base/model.safetensors ]; then
+    "$bin/asr" convert --from ct2 assets/whisper-base-ct2 assets/whisper-base --force
+fi
+"$bin/asr" transcribe --local --model assets/whisper-base --language zh "$clip"
+
+echo "== transcription through the services and LoRA training"
+echo "not available yet: the LoRA trainer (issue 4) and the Transcribe/Train RPCs (issue 5) come"
+echo "next; the model service answers them UNIMPLEMENTED."
