@@ -103,6 +103,7 @@ fn greedy_text_matches_hf_and_int8_stays_within_a_cer_point() {
     )
     .expect("fp32 model");
     let ours = transcribe(&fp32, &windows);
+    let fp32_bytes = fp32.model.weight_bytes();
     drop(fp32);
     let int8 = LoadedModel::load(
         &model_dir(),
@@ -114,6 +115,18 @@ fn greedy_text_matches_hf_and_int8_stays_within_a_cer_point() {
     )
     .expect("int8 model");
     let ours_int8 = transcribe(&int8, &windows);
+    // int8 keeps the linear weights at 1 byte per parameter; embeddings, convolutions, norms
+    // and biases stay f32.
+    let int8_bytes = int8.model.weight_bytes();
+    println!(
+        "resident weights: fp32 {:.1} MB, int8 {:.1} MB",
+        fp32_bytes as f64 / 1e6,
+        int8_bytes as f64 / 1e6
+    );
+    assert!(
+        (int8_bytes as f64) < 0.5 * fp32_bytes as f64,
+        "int8 weights take {int8_bytes} bytes, fp32 {fp32_bytes}"
+    );
 
     let identical = ours.iter().zip(&hf_texts).filter(|(a, b)| a == b).count();
     for (i, ((a, b), r)) in ours

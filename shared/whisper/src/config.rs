@@ -66,11 +66,11 @@ impl WhisperConfig {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
-            self.d_model % self.encoder_attention_heads == 0,
+            self.d_model.is_multiple_of(self.encoder_attention_heads),
             "d_model must divide by encoder_attention_heads"
         );
         anyhow::ensure!(
-            self.d_model % self.decoder_attention_heads == 0,
+            self.d_model.is_multiple_of(self.decoder_attention_heads),
             "d_model must divide by decoder_attention_heads"
         );
         anyhow::ensure!(

@@ -150,14 +150,19 @@ impl Linear {
         }
     }
 
-    /// Bytes the weight occupies (int8 data + scales, or float data).
+    /// Bytes the layer's parameters occupy (int8 data + scales, or float data; bias).
     pub fn weight_bytes(&self) -> i64 {
-        let bytes = |t: &Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
-        match &self.weight {
-            LinearWeight::Float(w) => bytes(w),
-            LinearWeight::Int8(w) => bytes(&w.q_t) + bytes(&w.scale),
-        }
+        let weight = match &self.weight {
+            LinearWeight::Float(w) => tensor_bytes(w),
+            LinearWeight::Int8(w) => tensor_bytes(&w.q_t) + tensor_bytes(&w.scale),
+        };
+        weight + self.bias.as_ref().map_or(0, tensor_bytes)
     }
+}
+
+/// Bytes of a tensor's elements.
+pub fn tensor_bytes(t: &Tensor) -> i64 {
+    t.numel() as i64 * t.kind().elt_size_in_bytes() as i64
 }
 
 /// Layer norm with learned scale and shift (eps 1e-5 as in Whisper).
@@ -175,6 +180,10 @@ impl LayerNorm {
             bias: weights.take(&format!("{prefix}.bias"), &[dim])?,
             dim,
         })
+    }
+
+    pub fn weight_bytes(&self) -> i64 {
+        tensor_bytes(&self.weight) + tensor_bytes(&self.bias)
     }
 
     pub fn forward(&self, xs: &Tensor) -> Tensor {

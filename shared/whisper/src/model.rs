@@ -8,7 +8,7 @@
 use tch::{Kind, Tensor};
 
 use crate::config::WhisperConfig;
-use crate::linear::{LayerNorm, Linear};
+use crate::linear::{tensor_bytes, LayerNorm, Linear};
 use crate::weights::Weights;
 
 /// Multi-head attention (HF `WhisperAttention`): q/v/out projections with bias, k without.
@@ -44,6 +44,13 @@ impl Attention {
             heads,
             head_dim: d_model / heads,
         })
+    }
+
+    fn weight_bytes(&self) -> i64 {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.out_proj]
+            .iter()
+            .map(|l| l.weight_bytes())
+            .sum()
     }
 
     /// `[B, T, D]` -> `[B, H, T, hd]`.
@@ -108,6 +115,14 @@ impl EncoderLayer {
         })
     }
 
+    fn weight_bytes(&self) -> i64 {
+        self.self_attn.weight_bytes()
+            + self.self_attn_layer_norm.weight_bytes()
+            + self.fc1.weight_bytes()
+            + self.fc2.weight_bytes()
+            + self.final_layer_norm.weight_bytes()
+    }
+
     fn forward(&self, xs: &Tensor) -> Tensor {
         let h = self.self_attn_layer_norm.forward(xs);
         let (k, v) = self.self_attn.keys_values(&h);
@@ -151,6 +166,25 @@ impl Encoder {
                 .collect::<anyhow::Result<_>>()?,
             layer_norm: LayerNorm::load(weights, "model.encoder.layer_norm", d)?,
         })
+    }
+
+    fn weight_bytes(&self) -> i64 {
+        [
+            &self.conv1_weight,
+            &self.conv1_bias,
+            &self.conv2_weight,
+            &self.conv2_bias,
+            &self.embed_positions,
+        ]
+        .iter()
+        .map(|t| tensor_bytes(t))
+        .sum::<i64>()
+            + self
+                .layers
+                .iter()
+                .map(EncoderLayer::weight_bytes)
+                .sum::<i64>()
+            + self.layer_norm.weight_bytes()
     }
 
     /// [`Self::forward`] over at most `chunk` windows at a time: the self-attention of a window
@@ -220,6 +254,16 @@ impl DecoderLayer {
             fc2: Linear::load(weights, &format!("{prefix}.fc2"), ffn, d, true)?,
             final_layer_norm: LayerNorm::load(weights, &format!("{prefix}.final_layer_norm"), d)?,
         })
+    }
+
+    fn weight_bytes(&self) -> i64 {
+        self.self_attn.weight_bytes()
+            + self.self_attn_layer_norm.weight_bytes()
+            + self.encoder_attn.weight_bytes()
+            + self.encoder_attn_layer_norm.weight_bytes()
+            + self.fc1.weight_bytes()
+            + self.fc2.weight_bytes()
+            + self.final_layer_norm.weight_bytes()
     }
 
     fn forward(&self, xs: &Tensor, cache: &mut LayerCache) -> Tensor {
@@ -340,6 +384,17 @@ impl Decoder {
         })
     }
 
+    fn weight_bytes(&self) -> i64 {
+        tensor_bytes(&self.embed_tokens)
+            + tensor_bytes(&self.embed_positions)
+            + self
+                .layers
+                .iter()
+                .map(DecoderLayer::weight_bytes)
+                .sum::<i64>()
+            + self.layer_norm.weight_bytes()
+    }
+
     /// A fresh cache for `encoder_out` (`[B, 1500, D]`): cross-attention keys/values once.
     pub fn new_cache(&self, encoder_out: &Tensor) -> DecoderCache {
         let layers = self
@@ -409,5 +464,11 @@ impl Whisper {
             encoder,
             decoder,
         })
+    }
+
+    /// Bytes the model's parameters occupy as loaded (int8 linears count 1 byte per weight
+    /// plus their scales).
+    pub fn weight_bytes(&self) -> i64 {
+        self.encoder.weight_bytes() + self.decoder.weight_bytes()
     }
 }
