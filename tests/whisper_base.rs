@@ -59,10 +59,9 @@ fn transcribe(model: &LoadedModel, windows: &[Vec<f32>]) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn greedy_text_matches_hf_and_int8_stays_within_a_cer_point() {
-    let clips = test_clips(CLIPS);
-    let windows: Vec<Vec<f32>> = clips
+/// The first (only) normalised window of each clip.
+fn first_windows(clips: &[Clip]) -> Vec<Vec<f32>> {
+    clips
         .iter()
         .map(|clip| {
             our_windows(
@@ -73,7 +72,25 @@ fn greedy_text_matches_hf_and_int8_stays_within_a_cer_point() {
             .0
             .remove(0)
         })
-        .collect();
+        .collect()
+}
+
+fn load(precision: Precision) -> LoadedModel {
+    LoadedModel::load(
+        &model_dir(),
+        LoadOptions {
+            device: Device::Cpu,
+            precision,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("loading whisper-base ({precision:?}): {e:#}"))
+}
+
+#[test]
+fn greedy_text_matches_hf_and_int8_stays_within_a_cer_point() {
+    let clips = test_clips(CLIPS);
+    let windows = first_windows(&clips);
     let references: Vec<&str> = clips.iter().map(|c| c.text.as_str()).collect();
 
     let job = serde_json::json!({
@@ -93,27 +110,11 @@ fn greedy_text_matches_hf_and_int8_stays_within_a_cer_point() {
         .map(|t| t.as_str().expect("text").to_string())
         .collect();
 
-    let fp32 = LoadedModel::load(
-        &model_dir(),
-        LoadOptions {
-            device: Device::Cpu,
-            precision: Precision::Fp32,
-            ..Default::default()
-        },
-    )
-    .expect("fp32 model");
+    let fp32 = load(Precision::Fp32);
     let ours = transcribe(&fp32, &windows);
     let fp32_bytes = fp32.model.weight_bytes();
     drop(fp32);
-    let int8 = LoadedModel::load(
-        &model_dir(),
-        LoadOptions {
-            device: Device::Cpu,
-            precision: Precision::Int8,
-            ..Default::default()
-        },
-    )
-    .expect("int8 model");
+    let int8 = load(Precision::Int8);
     let ours_int8 = transcribe(&int8, &windows);
     // int8 keeps the linear weights at 1 byte per parameter; embeddings, convolutions, norms
     // and biases stay f32.
@@ -171,18 +172,7 @@ fn greedy_text_matches_hf_and_int8_stays_within_a_cer_point() {
 #[test]
 fn beam5_matches_ctranslate2_on_the_same_features() {
     let clips = test_clips(CLIPS);
-    let windows: Vec<Vec<f32>> = clips
-        .iter()
-        .map(|clip| {
-            our_windows(
-                std::fs::read(&clip.path).expect("clip"),
-                InputFormat::Encoded,
-                80,
-            )
-            .0
-            .remove(0)
-        })
-        .collect();
+    let windows = first_windows(&clips);
     let dir = tempfile::tempdir().expect("tempdir");
     let features = dir.path().join("features.npy");
     asr_audio::npy::write_f32(
@@ -191,15 +181,7 @@ fn beam5_matches_ctranslate2_on_the_same_features() {
         &windows.concat(),
     )
     .expect("write");
-    let model = LoadedModel::load(
-        &model_dir(),
-        LoadOptions {
-            device: Device::Cpu,
-            precision: Precision::Fp32,
-            ..Default::default()
-        },
-    )
-    .expect("fp32 model");
+    let model = load(Precision::Fp32);
     let prompt = model
         .generation
         .prompt(Some("zh"), asr_whisper::Task::Transcribe, false)
