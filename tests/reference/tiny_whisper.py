@@ -55,6 +55,10 @@ def main():
         logits = model(input_features=inputs[:3], decoder_input_ids=torch.tensor([tokens] * 3)).logits
         generated = model.generate(inputs, language="zh", task="transcribe", max_new_tokens=max_new,
                                    do_sample=False, num_beams=1)
+        timestamped = model.generate(inputs, language="zh", task="transcribe", max_new_tokens=max_new,
+                                     do_sample=False, num_beams=1, return_timestamps=True)
+        if not torch.is_tensor(timestamped):
+            timestamped = timestamped["sequences"]
     np.save(os.path.join(out, "encoder.npy"), encoder.numpy())
     np.save(os.path.join(out, "logits.npy"), logits.numpy())
     rows = generated.tolist()
@@ -62,7 +66,11 @@ def main():
     rows = [row[len(prompt):] if row[:len(prompt)] == prompt else row for row in rows]
     # generate() pads finished rows; cut after the first end-of-text.
     rows = [row[: row.index(50257) + 1] if 50257 in row else row for row in rows]
-    json.dump({"prompt": prompt, "tokens": tokens, "generated": rows}, open(os.path.join(out, "tokens.json"), "w"))
+    ts_prompt = [SOT, ZH, TRANSCRIBE]
+    ts_rows = [row[len(ts_prompt):] if row[:len(ts_prompt)] == ts_prompt else row for row in timestamped.tolist()]
+    ts_rows = [row[: row.index(50257) + 1] if 50257 in row else row for row in ts_rows]
+    json.dump({"prompt": prompt, "tokens": tokens, "generated": rows,
+               "timestamp_prompt": ts_prompt, "generated_timestamps": ts_rows}, open(os.path.join(out, "tokens.json"), "w"))
     print(f"tiny whisper ({n_mels} mels): generated lengths {[len(r) for r in rows]}", file=sys.stderr)
 
 

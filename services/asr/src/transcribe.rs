@@ -1,7 +1,8 @@
 //! `asr transcribe --local`: Whisper in-process, no services.
 //!
-//! Each 30 s window of the file is decoded on its own (short-form); seek-based long-form
-//! decoding with timestamps comes with the model core's next slice.
+//! Each 30 s window of the file is decoded on its own (short-form), with timed segments when
+//! `--timestamps` is given; seek-based long-form decoding comes with the model core's next
+//! slice.
 
 use std::path::PathBuf;
 
@@ -36,6 +37,9 @@ pub struct TranscribeArgs {
     /// "cpu", "cuda" or "cuda:N"; default CUDA when present.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Predict timestamp tokens and report timed segments (greedy only for now).
+    #[arg(long)]
+    pub timestamps: bool,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
 }
@@ -118,6 +122,7 @@ pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
             TaskArg::Translate => Task::Translate,
         },
         beam_size: args.beam.max(1),
+        timestamps: args.timestamps,
         ..Default::default()
     };
     let mut results = Vec::new();
@@ -137,10 +142,26 @@ pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
         let segments: Vec<SegmentOut> = transcripts
             .iter()
             .enumerate()
-            .map(|(i, t)| SegmentOut {
-                start: i as f64 * window_seconds,
-                end: ((i + 1) as f64 * window_seconds).min(summary.duration_seconds),
-                text: t.text.trim().to_string(),
+            .flat_map(|(i, t)| {
+                let offset = i as f64 * window_seconds;
+                let window_end = ((i + 1) as f64 * window_seconds).min(summary.duration_seconds);
+                let pieces: Vec<SegmentOut> = if args.timestamps {
+                    t.segments
+                        .iter()
+                        .map(|s| SegmentOut {
+                            start: offset + s.start,
+                            end: (offset + s.end).min(window_end),
+                            text: s.text.trim().to_string(),
+                        })
+                        .collect()
+                } else {
+                    vec![SegmentOut {
+                        start: offset,
+                        end: window_end,
+                        text: t.text.trim().to_string(),
+                    }]
+                };
+                pieces
             })
             .collect();
         let text = segments

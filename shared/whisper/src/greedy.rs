@@ -1,11 +1,13 @@
 //! Greedy decoding of a batch of windows, as HF `generate(num_beams=1, do_sample=False)`
 //! does for Whisper short-form: forced prompt, `suppress_tokens` at every step,
-//! `begin_suppress_tokens` at the first generated position, stop at end-of-text.
+//! `begin_suppress_tokens` at the first generated position, the timestamp rules when
+//! timestamps are asked for, stop at end-of-text.
 
 use tch::{Kind, Tensor};
 
 use crate::generation::GenerationConfig;
 use crate::model::Whisper;
+use crate::timestamps::TimestampRules;
 
 /// Windows encoded at a time (see [`crate::model::Encoder::forward_in_chunks`]).
 pub const ENCODER_CHUNK: i64 = 2;
@@ -33,6 +35,7 @@ pub fn greedy(
     mel: &Tensor,
     prompt: &[i64],
     max_new_tokens: usize,
+    timestamps: Option<&TimestampRules>,
 ) -> Vec<Vec<i64>> {
     tch::no_grad(|| {
         let batch = mel.size()[0];
@@ -54,6 +57,9 @@ pub fn greedy(
             suppress(&mut step_logits, &generation.suppress_tokens);
             if step == 0 {
                 suppress(&mut step_logits, &generation.begin_suppress_tokens);
+            }
+            if let Some(rules) = timestamps {
+                rules.apply(&mut step_logits, &outputs);
             }
             let next = step_logits.argmax(-1, false);
             let next_ids: Vec<i64> = Vec::<i64>::try_from(&next).unwrap_or_default();

@@ -5,6 +5,7 @@
 //! - [`linear`], [`model`]: the network (HF names and layout), no I/O;
 //! - [`generation`]: generation_config.json (prompt tokens, suppression);
 //! - [`greedy`], [`beam`]: greedy decoding and openai-style beam search;
+//! - [`timestamps`]: timestamp rules and segments;
 //! - [`tokenizer`]: tokenizer.json; [`metrics`]: character error rate;
 //! - [`transcriber`]: a loaded model directory and short-form transcription of windows;
 //! - [`ct2`]: reading CTranslate2 / faster-whisper directories and converting them to HF
@@ -18,6 +19,7 @@ pub mod greedy;
 pub mod linear;
 pub mod metrics;
 pub mod model;
+pub mod timestamps;
 pub mod tokenizer;
 pub mod transcriber;
 pub mod weights;
@@ -26,5 +28,7 @@ pub use config::WhisperConfig;
 pub use generation::{GenerationConfig, Task};
 pub use model::{Decoder, DecoderCache, Encoder, Whisper};
 pub use tokenizer::WhisperTokenizer;
-pub use transcriber::{DecodeOptions, LoadOptions, LoadedModel, Precision, WindowTranscript};
+pub use transcriber::{
+    DecodeOptions, LoadOptions, LoadedModel, Precision, TimedText, WindowTranscript,
+};
 pub use weights::Weights;

@@ -11,6 +11,7 @@ use crate::generation::{GenerationConfig, Task};
 use crate::greedy::{greedy, ENCODER_CHUNK};
 use crate::linear::DEFAULT_OUTLIER_THRESHOLD;
 use crate::model::Whisper;
+use crate::timestamps::{segments_from_tokens, TimestampRules};
 use crate::tokenizer::WhisperTokenizer;
 use crate::weights::Weights;
 use crate::WhisperConfig;
@@ -66,6 +67,8 @@ pub struct DecodeOptions {
     pub beam_size: usize,
     pub patience: f64,
     pub length_penalty: Option<f64>,
+    /// Timestamp tokens and timed segments (greedy only for now).
+    pub timestamps: bool,
 }
 
 impl Default for DecodeOptions {
@@ -77,6 +80,7 @@ impl Default for DecodeOptions {
             beam_size: 1,
             patience: 1.0,
             length_penalty: None,
+            timestamps: false,
         }
     }
 }
@@ -86,6 +90,15 @@ impl Default for DecodeOptions {
 pub struct WindowTranscript {
     pub language: Option<String>,
     pub tokens: Vec<i64>,
+    pub text: String,
+    /// With timestamps: the timed pieces, in seconds from the window start.
+    pub segments: Vec<TimedText>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimedText {
+    pub start: f64,
+    pub end: f64,
     pub text: String,
 }
 
@@ -182,6 +195,10 @@ impl LoadedModel {
         windows: &[Vec<f32>],
         options: &DecodeOptions,
     ) -> anyhow::Result<Vec<WindowTranscript>> {
+        anyhow::ensure!(
+            !(options.timestamps && options.beam_size > 1),
+            "timestamps with beam search are not supported yet; use greedy (beam 1)"
+        );
         let mel = self.batch(windows);
         let languages: Vec<Option<String>> = match &options.language {
             Some(code) => vec![Some(code.clone()); windows.len()],
@@ -198,9 +215,10 @@ impl LoadedModel {
             let (group, rest): (Vec<usize>, Vec<usize>) =
                 remaining.iter().partition(|&&i| languages[i] == language);
             remaining = rest;
-            let prompt = self
-                .generation
-                .prompt(language.as_deref(), options.task, false)?;
+            let rules = TimestampRules::new(&self.generation);
+            let prompt =
+                self.generation
+                    .prompt(language.as_deref(), options.task, options.timestamps)?;
             let index = Tensor::from_slice(&group.iter().map(|&i| i as i64).collect::<Vec<_>>())
                 .to_device(mel.device());
             let group_mel = mel.index_select(0, &index);
@@ -230,14 +248,31 @@ impl LoadedModel {
                     &group_mel,
                     &prompt,
                     options.max_new_tokens,
+                    options.timestamps.then_some(&rules),
                 )
             };
             for (&i, tokens) in group.iter().zip(tokens) {
                 let text = self.tokenizer.decode(&tokens)?;
+                let pieces = if options.timestamps {
+                    segments_from_tokens(&tokens, &rules, 30.0)
+                } else {
+                    Vec::new()
+                };
+                let segments = pieces
+                    .into_iter()
+                    .map(|p| {
+                        Ok(TimedText {
+                            start: p.start,
+                            end: p.end,
+                            text: self.tokenizer.decode(&p.tokens)?,
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?;
                 results[i] = Some(WindowTranscript {
                     language: language.clone(),
                     tokens,
                     text,
+                    segments,
                 });
             }
         }
