@@ -236,3 +236,78 @@ fn beam5_matches_ctranslate2_on_the_same_features() {
         windows.len()
     );
 }
+
+/// Long-form: 74 s built from the AISHELL sentences (8 x both, with 0.5 s gaps), transcribed
+/// window after window with timestamps: segments in order, covering the audio, with a CER
+/// within 2 points of the sentences transcribed one by one.
+#[test]
+fn long_form_with_timestamps_keeps_order_and_accuracy() {
+    let names = ["BAC009S0764W0121.wav", "BAC009S0764W0122.wav"];
+    let texts = ["甚至出现交易几乎停滞的情况", "一二线城市虽然也处于调整中"];
+    let clips: Vec<Vec<f32>> = names
+        .iter()
+        .map(|n| e2e_support::read_audio(&assets().join("aishell").join(n)).0)
+        .collect();
+    let gap = vec![0.0f32; 8_000];
+    let mut long = Vec::new();
+    let mut references = Vec::new();
+    for _ in 0..8 {
+        for (clip, text) in clips.iter().zip(texts) {
+            long.extend_from_slice(clip);
+            long.extend_from_slice(&gap);
+            references.push(text);
+        }
+    }
+    let duration = long.len() as f64 / 16_000.0;
+    assert!(duration >= 60.0);
+    let (_, frames) = our_windows(
+        e2e_support::wav_i16(&long, 16_000, 1),
+        InputFormat::Encoded,
+        80,
+    );
+    let model = load(Precision::Int8);
+    let options = DecodeOptions {
+        language: Some("zh".into()),
+        ..Default::default()
+    };
+    let segments = model
+        .transcribe_long(&frames, long.len().div_ceil(160), &options)
+        .expect("long-form");
+    for pair in segments.windows(2) {
+        assert!(
+            pair[0].start <= pair[1].start && pair[0].end <= pair[1].end + 1e-6,
+            "segments out of order: {pair:?}"
+        );
+    }
+    let last_end = segments.last().map_or(0.0, |s| s.end);
+    println!(
+        "{} segments over {duration:.1} s, last ends at {last_end:.2} s",
+        segments.len()
+    );
+    assert!(
+        last_end >= duration - 5.0 && last_end <= duration + 0.5,
+        "segments cover up to {last_end} of {duration} s"
+    );
+
+    let long_text: String = segments.iter().map(|s| s.text.as_str()).collect();
+    let long_cer = cer([(long_text.as_str(), references.concat().as_str())]);
+    let windows: Vec<Vec<f32>> = clips
+        .iter()
+        .map(|c| {
+            our_windows(e2e_support::wav_i16(c, 16_000, 1), InputFormat::Encoded, 80)
+                .0
+                .remove(0)
+        })
+        .collect();
+    let short = transcribe(&model, &windows);
+    let short_cer = cer(short.iter().map(String::as_str).zip(texts));
+    println!(
+        "long-form CER {:.2}%, per-sentence CER {:.2}%",
+        long_cer * 100.0,
+        short_cer * 100.0
+    );
+    assert!(
+        long_cer <= short_cer + 0.02,
+        "long-form CER {long_cer} vs per-sentence {short_cer}"
+    );
+}

@@ -1,8 +1,7 @@
 //! `asr transcribe --local`: Whisper in-process, no services.
 //!
-//! Each 30 s window of the file is decoded on its own (short-form), with timed segments when
-//! `--timestamps` is given; seek-based long-form decoding comes with the model core's next
-//! slice.
+//! Without `--timestamps` each 30 s window is decoded on its own; with it, the audio is
+//! transcribed window after window with a seek (openai's long-form), as timed segments.
 
 use std::path::PathBuf;
 
@@ -135,41 +134,40 @@ pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
             InputFormat::Encoded,
         )
         .with_context(|| format!("reading {}", file.display()))?;
-        let windows =
-            asr_audio::windows_from_frames(&frames, model.n_mels(), summary.windows as usize);
-        let transcripts = model.transcribe_windows(&windows, &options)?;
-        let window_seconds = WINDOW_SAMPLES as f64 / 16_000.0;
-        let segments: Vec<SegmentOut> = transcripts
-            .iter()
-            .enumerate()
-            .flat_map(|(i, t)| {
-                let offset = i as f64 * window_seconds;
-                let window_end = ((i + 1) as f64 * window_seconds).min(summary.duration_seconds);
-                let pieces: Vec<SegmentOut> = if args.timestamps {
-                    t.segments
-                        .iter()
-                        .map(|s| SegmentOut {
-                            start: offset + s.start,
-                            end: (offset + s.end).min(window_end),
-                            text: s.text.trim().to_string(),
-                        })
-                        .collect()
-                } else {
-                    vec![SegmentOut {
-                        start: offset,
-                        end: window_end,
-                        text: t.text.trim().to_string(),
-                    }]
-                };
-                pieces
-            })
-            .collect();
+        let (language, segments) = if args.timestamps {
+            // Seek-based long-form with timestamps, as openai's transcribe.
+            let content_frames = summary.samples.div_ceil(asr_audio::HOP_LENGTH as u64) as usize;
+            let segments = model.transcribe_long(&frames, content_frames, &options)?;
+            let out: Vec<SegmentOut> = segments
+                .iter()
+                .map(|s| SegmentOut {
+                    start: s.start,
+                    end: s.end,
+                    text: s.text.clone(),
+                })
+                .collect();
+            (options.language.clone(), out)
+        } else {
+            let windows =
+                asr_audio::windows_from_frames(&frames, model.n_mels(), summary.windows as usize);
+            let transcripts = model.transcribe_windows(&windows, &options)?;
+            let window_seconds = WINDOW_SAMPLES as f64 / 16_000.0;
+            let out = transcripts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| SegmentOut {
+                    start: i as f64 * window_seconds,
+                    end: ((i + 1) as f64 * window_seconds).min(summary.duration_seconds),
+                    text: t.text.trim().to_string(),
+                })
+                .collect();
+            (transcripts.first().and_then(|t| t.language.clone()), out)
+        };
         let text = segments
             .iter()
             .map(|s| s.text.as_str())
             .collect::<Vec<_>>()
             .join(" ");
-        let language = transcripts.first().and_then(|t| t.language.clone());
         results.push(FileResult {
             file: file.display().to_string(),
             language,

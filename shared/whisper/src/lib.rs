@@ -5,7 +5,7 @@
 //! - [`linear`], [`model`]: the network (HF names and layout), no I/O;
 //! - [`generation`]: generation_config.json (prompt tokens, suppression);
 //! - [`greedy`], [`beam`]: greedy decoding and openai-style beam search;
-//! - [`timestamps`]: timestamp rules and segments;
+//! - [`timestamps`]: timestamp rules and segments; [`longform`]: seek-based long-form;
 //! - [`tokenizer`]: tokenizer.json; [`metrics`]: character error rate;
 //! - [`transcriber`]: a loaded model directory and short-form transcription of windows;
 //! - [`ct2`]: reading CTranslate2 / faster-whisper directories and converting them to HF
@@ -17,6 +17,7 @@ pub mod ct2;
 pub mod generation;
 pub mod greedy;
 pub mod linear;
+pub mod longform;
 pub mod metrics;
 pub mod model;
 pub mod timestamps;
