@@ -78,6 +78,9 @@ struct SegmentOut {
     start: f64,
     end: f64,
     text: String,
+    avg_logprob: f64,
+    /// `null` for beam search.
+    no_speech_prob: Option<f64>,
 }
 
 pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
@@ -144,6 +147,8 @@ pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
                     start: s.start,
                     end: s.end,
                     text: s.text.clone(),
+                    avg_logprob: s.avg_logprob,
+                    no_speech_prob: s.no_speech_prob,
                 })
                 .collect();
             (options.language.clone(), out)
@@ -159,6 +164,8 @@ pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
                     start: i as f64 * window_seconds,
                     end: ((i + 1) as f64 * window_seconds).min(summary.duration_seconds),
                     text: t.text.trim().to_string(),
+                    avg_logprob: t.avg_logprob,
+                    no_speech_prob: t.no_speech_prob,
                 })
                 .collect();
             (transcripts.first().and_then(|t| t.language.clone()), out)

@@ -17,6 +17,9 @@ pub struct Segment {
     pub end: f64,
     pub text: String,
     pub window_index: usize,
+    /// Of the window the segment was decoded in.
+    pub avg_logprob: f64,
+    pub no_speech_prob: Option<f64>,
 }
 
 impl LoadedModel {
@@ -74,6 +77,8 @@ impl LoadedModel {
                     end: offset + piece.end.min(window_seconds),
                     text: text.trim().to_string(),
                     window_index,
+                    avg_logprob: transcript.avg_logprob,
+                    no_speech_prob: transcript.no_speech_prob,
                 });
             }
             // Where the next window starts.

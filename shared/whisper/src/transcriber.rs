@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::beam::{beam_search, BeamOptions};
 use crate::generation::{GenerationConfig, Task};
-use crate::greedy::{greedy, ENCODER_CHUNK};
+use crate::greedy::{greedy_detailed, GreedyOutput, ENCODER_CHUNK};
 use crate::linear::DEFAULT_OUTLIER_THRESHOLD;
 use crate::model::Whisper;
 use crate::timestamps::{segments_from_tokens, TimestampRules};
@@ -93,6 +93,10 @@ pub struct WindowTranscript {
     pub text: String,
     /// With timestamps: the timed pieces, in seconds from the window start.
     pub segments: Vec<TimedText>,
+    /// Mean log-probability per token (openai's `avg_logprob`).
+    pub avg_logprob: f64,
+    /// Probability of `<|nospeech|>` (greedy decoding only).
+    pub no_speech_prob: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -222,7 +226,8 @@ impl LoadedModel {
             let index = Tensor::from_slice(&group.iter().map(|&i| i as i64).collect::<Vec<_>>())
                 .to_device(mel.device());
             let group_mel = mel.index_select(0, &index);
-            let tokens = if options.beam_size > 1 {
+            let eot = self.generation.eos_token_id;
+            let decoded: Vec<GreedyOutput> = if options.beam_size > 1 {
                 let beam = BeamOptions {
                     beam_size: options.beam_size,
                     patience: options.patience,
@@ -231,18 +236,22 @@ impl LoadedModel {
                 };
                 (0..group.len() as i64)
                     .map(|i| {
-                        beam_search(
+                        let best = beam_search(
                             &self.model,
                             &self.generation,
                             &group_mel.narrow(0, i, 1),
                             &prompt,
                             &beam,
-                        )
-                        .tokens
+                        );
+                        GreedyOutput {
+                            tokens: best.tokens,
+                            sum_logprob: best.sum_logprob,
+                            no_speech_prob: f64::NAN,
+                        }
                     })
                     .collect()
             } else {
-                greedy(
+                greedy_detailed(
                     &self.model,
                     &self.generation,
                     &group_mel,
@@ -251,7 +260,11 @@ impl LoadedModel {
                     options.timestamps.then_some(&rules),
                 )
             };
-            for (&i, tokens) in group.iter().zip(tokens) {
+            for (&i, output) in group.iter().zip(decoded) {
+                let avg_logprob = output.avg_logprob(eot);
+                let no_speech_prob =
+                    (!output.no_speech_prob.is_nan()).then_some(output.no_speech_prob);
+                let tokens = output.tokens;
                 let text = self.tokenizer.decode(&tokens)?;
                 let pieces = if options.timestamps {
                     segments_from_tokens(&tokens, &rules, 30.0)
@@ -273,6 +286,8 @@ impl LoadedModel {
                     tokens,
                     text,
                     segments,
+                    avg_logprob,
+                    no_speech_prob,
                 });
             }
         }
