@@ -116,17 +116,22 @@ fn greedy_text_matches_hf_and_int8_stays_within_a_cer_point() {
     drop(fp32);
     let int8 = load(Precision::Int8);
     let ours_int8 = transcribe(&int8, &windows);
-    // int8 keeps the linear weights at 1 byte per parameter; embeddings, convolutions, norms
-    // and biases stay f32.
+    // int8 keeps the linear weights at 1 byte per parameter; the token embedding (51865 x 512,
+    // 106 MB in f32 for whisper-base, also the tied output projection), convolutions, norms and
+    // biases stay f32, so the whole shrinks to a bit over half here (and to about a quarter for
+    // large-v2, whose linears dominate).
     let int8_bytes = int8.model.weight_bytes();
     println!(
         "resident weights: fp32 {:.1} MB, int8 {:.1} MB",
         fp32_bytes as f64 / 1e6,
         int8_bytes as f64 / 1e6
     );
+    let embedding_bytes = 51_865 * 512 * 4;
+    let linear_fp32 = (fp32_bytes - embedding_bytes) as f64;
+    let linear_int8 = (int8_bytes - embedding_bytes) as f64;
     assert!(
-        (int8_bytes as f64) < 0.5 * fp32_bytes as f64,
-        "int8 weights take {int8_bytes} bytes, fp32 {fp32_bytes}"
+        linear_int8 < 0.3 * linear_fp32,
+        "int8 weights (without the embedding) take {linear_int8} bytes, fp32 {linear_fp32}"
     );
 
     let identical = ours.iter().zip(&hf_texts).filter(|(a, b)| a == b).count();
