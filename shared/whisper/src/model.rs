@@ -66,20 +66,20 @@ impl Attention {
         )
     }
 
-    /// Attends `xs` (queries) to `keys`/`values` (`[B, H, S, hd]`).
-    fn attend(&self, xs: &Tensor, keys: &Tensor, values: &Tensor, causal: bool) -> Tensor {
+    /// Attends `xs` (queries) to `keys`/`values` (`[B, H, S, hd]`), under an optional boolean
+    /// mask (`true` = may attend) or the square causal mask.
+    fn attend(
+        &self,
+        xs: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        mask: Option<&Tensor>,
+        causal: bool,
+    ) -> Tensor {
         let (b, t, d) = xs.size3().expect("[B, T, D]");
         let q = self.split_heads(&self.q_proj.forward(xs));
-        let out = Tensor::scaled_dot_product_attention(
-            &q,
-            keys,
-            values,
-            None::<Tensor>,
-            0.0,
-            causal,
-            None,
-            false,
-        );
+        let out =
+            Tensor::scaled_dot_product_attention(&q, keys, values, mask, 0.0, causal, None, false);
         self.out_proj
             .forward(&out.transpose(1, 2).contiguous().view([b, t, d]))
     }
@@ -126,13 +126,8 @@ impl EncoderLayer {
     fn forward(&self, xs: &Tensor) -> Tensor {
         let h = self.self_attn_layer_norm.forward(xs);
         let (k, v) = self.self_attn.keys_values(&h);
-        let xs = xs + self.self_attn.attend(&h, &k, &v, false);
-        let h = self.fc2.forward(
-            &self
-                .fc1
-                .forward(&self.final_layer_norm.forward(&xs))
-                .gelu("none"),
-        );
+        let xs = xs + self.self_attn.attend(&h, &k, &v, None, false);
+        let h = feed_forward(&self.final_layer_norm, &self.fc1, &self.fc2, &xs);
         xs + h
     }
 }
@@ -277,26 +272,10 @@ impl DecoderLayer {
         let past = k.size()[2] - new_tokens;
         let attn = if past == 0 || new_tokens == 1 {
             self.self_attn
-                .attend(&h, &k, &v, past == 0 && new_tokens > 1)
+                .attend(&h, &k, &v, None, past == 0 && new_tokens > 1)
         } else {
             let mask = causal_mask_with_past(new_tokens, past, xs);
-            let (b, t, d) = h.size3().expect("[B, T, D]");
-            let q = self
-                .self_attn
-                .split_heads(&self.self_attn.q_proj.forward(&h));
-            let out = Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                Some(mask),
-                0.0,
-                false,
-                None,
-                false,
-            );
-            self.self_attn
-                .out_proj
-                .forward(&out.transpose(1, 2).contiguous().view([b, t, d]))
+            self.self_attn.attend(&h, &k, &v, Some(&mask), false)
         };
         cache.self_kv = Some((k, v));
         let xs = xs + attn;
@@ -304,15 +283,15 @@ impl DecoderLayer {
         let xs = &xs
             + self
                 .encoder_attn
-                .attend(&h, &cache.cross_k, &cache.cross_v, false);
-        let h = self.fc2.forward(
-            &self
-                .fc1
-                .forward(&self.final_layer_norm.forward(&xs))
-                .gelu("none"),
-        );
+                .attend(&h, &cache.cross_k, &cache.cross_v, None, false);
+        let h = feed_forward(&self.final_layer_norm, &self.fc1, &self.fc2, &xs);
         xs + h
     }
+}
+
+/// The pre-norm GELU MLP of every layer: `fc2(gelu(fc1(norm(xs))))`.
+fn feed_forward(norm: &LayerNorm, fc1: &Linear, fc2: &Linear, xs: &Tensor) -> Tensor {
+    fc2.forward(&fc1.forward(&norm.forward(xs)).gelu("none"))
 }
 
 /// Boolean mask `[T, past + T]`: token i sees every past token and new tokens up to i.
