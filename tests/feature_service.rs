@@ -105,6 +105,14 @@ async fn extract(
     })
 }
 
+/// `wav` encoded as `format` (flac, mp3, ogg) with libsndfile, in `dir`.
+fn encode(wav: &std::path::Path, format: &str, dir: &std::path::Path) -> Vec<u8> {
+    let path = dir.join(format!("clip.{format}"));
+    let (source, target) = (wav.to_str().expect("path"), path.to_str().expect("path"));
+    run_reference("audio_tools.py", &["encode", source, format, target], None);
+    std::fs::read(path).expect("encoded")
+}
+
 fn speech_wav(seconds: f32) -> Vec<u8> {
     let speech: Vec<f32> = corpus_clips("test", 3).concat();
     wav_i16(&speech[..(seconds * 16_000.0) as usize], 16_000, 1)
@@ -171,18 +179,7 @@ async fn decodes_wav_flac_mp3_and_ogg_vorbis() {
         ("mp3", pb::Container::Mp3, pb::Codec::Mp3, 0.02),
         ("ogg", pb::Container::Ogg, pb::Codec::Vorbis, 0.02),
     ] {
-        let path = dir.path().join(format!("clip.{format}"));
-        run_reference(
-            "audio_tools.py",
-            &[
-                "encode",
-                wav_path.to_str().expect("path"),
-                format,
-                path.to_str().expect("path"),
-            ],
-            None,
-        );
-        let bytes = std::fs::read(&path).expect("encoded");
+        let bytes = encode(&wav_path, format, dir.path());
         let got = extract(&mut client, requests(config(None, 80), &bytes, 4096))
             .await
             .expect(format);
@@ -281,21 +278,10 @@ async fn bad_input_gets_clear_errors_and_the_server_keeps_serving() {
     let mut client = client(&server).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let wav_path = assets().join("aishell/BAC009S0764W0121.wav");
-    let encoded = |format: &str| {
-        let path = dir.path().join(format!("clip.{format}"));
-        run_reference(
-            "audio_tools.py",
-            &[
-                "encode",
-                wav_path.to_str().expect("path"),
-                format,
-                path.to_str().expect("path"),
-            ],
-            None,
-        );
-        std::fs::read(path).expect("encoded")
-    };
-    let (mp3, flac) = (encoded("mp3"), encoded("flac"));
+    let (mp3, flac) = (
+        encode(&wav_path, "mp3", dir.path()),
+        encode(&wav_path, "flac", dir.path()),
+    );
     let good = speech_wav(1.0);
     let nan_pcm: Vec<u8> = [0.1f32, 0.2, f32::NAN, 0.3]
         .iter()
