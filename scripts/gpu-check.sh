@@ -1,10 +1,27 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, as one short script for a lent GPU machine: the tiny
-# Whisper's logits and greedy tokens on CUDA against the CPU (fp32 tolerance).
+# The checks that need a CUDA GPU: the tiny Whisper on CUDA against the CPU in fp32 (with and
+# without cuDNN), fp16, bf16 and int8 linears (tests/whisper_parity.rs,
+# tiny_whisper_cuda_matches_cpu; it prints one line of figures per comparison). Two ways:
+#
+# 1. A GPU machine with our setup (Rust, and internet for scripts/setup.sh): this script, which
+#    runs the whole whisper_parity test file with cargo.
+#
+# 2. A bare GPU machine (no Rust, no internet, a python3 with torch and transformers, as the lent
+#    machines are): build here a test binary against that machine's torch version, then run it
+#    there from the repository root with .gpu/ (ignored by git) copied along:
+#      here:   scripts/gpu-build.sh          (TORCH_VERSION=2.11.0 by default)
+#      there:  bash .gpu/run.sh
+#
+# Either way the binary must list libtorch_cuda.so as needed: nothing in it refers to that
+# library's symbols, so rustc's --as-needed drops it, and libtorch then reports no CUDA. It is
+# linked once more with --no-as-needed (RUSTFLAGS with an explicit --target, so that build
+# scripts are left alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
 # shellcheck source=scripts/env.sh
 source scripts/env.sh
 python -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print("cuda:", torch.cuda.get_device_name(0))'
-cargo test --locked -p e2e-tests --test whisper_parity -- --nocapture
+export ASR_REQUIRE_CUDA=1
+export RUSTFLAGS="-C link-arg=-Wl,--push-state,--no-as-needed,-ltorch_cuda,--pop-state"
+cargo test --locked -p e2e-tests --test whisper_parity --target x86_64-unknown-linux-gnu -- --nocapture

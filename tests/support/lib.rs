@@ -12,7 +12,12 @@ use asr_audio::{Container, FeaturePipeline, InputFormat, MelConfig, PipelineConf
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// The repository root: `ASR_REPO_ROOT` when set (a test binary run on another machine, from
+/// a copy of the repository elsewhere), else the checkout the tests were compiled in.
 pub fn repo_root() -> PathBuf {
+    if let Some(root) = std::env::var_os("ASR_REPO_ROOT") {
+        return PathBuf::from(root);
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ has a parent")
@@ -30,7 +35,13 @@ pub fn assets() -> PathBuf {
     dir
 }
 
+/// The interpreter that runs the references: `ASR_PYTHON` when set (a path, or a name looked up
+/// on `PATH`, e.g. `python3` on a GPU machine with torch and transformers but without our venv),
+/// else the venv's python made by scripts/setup.sh.
 pub fn python() -> PathBuf {
+    if let Some(python) = std::env::var_os("ASR_PYTHON") {
+        return PathBuf::from(python);
+    }
     let python = repo_root().join(".venv/bin/python");
     assert!(
         python.exists(),
@@ -40,7 +51,7 @@ pub fn python() -> PathBuf {
     python
 }
 
-/// Runs `tests/reference/<script>` with the venv's python; panics with its stderr on failure.
+/// Runs `tests/reference/<script>` with [`python`]; panics with its stderr on failure.
 pub fn run_reference(script: &str, args: &[&str], stdin: Option<&str>) -> String {
     let mut child = Command::new(python())
         .arg(repo_root().join("tests/reference").join(script))
@@ -49,7 +60,7 @@ pub fn run_reference(script: &str, args: &[&str], stdin: Option<&str>) -> String
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("starting the venv's python");
+        .unwrap_or_else(|e| panic!("starting {}: {e}", python().display()));
     if let Some(input) = stdin {
         child
             .stdin
