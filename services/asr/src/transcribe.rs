@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use asr_audio::pipeline::extract_all;
 use asr_audio::{FeaturePipeline, InputFormat, MelConfig, PipelineConfig, WINDOW_SAMPLES};
-use asr_whisper::{DecodeOptions, LoadOptions, LoadedModel, Precision, Task};
+use asr_whisper::{DecodeOptions, FallbackOptions, LoadOptions, LoadedModel, Precision, Task};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
@@ -36,9 +36,31 @@ pub struct TranscribeArgs {
     /// "cpu", "cuda" or "cuda:N"; default CUDA when present.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Predict timestamp tokens and report timed segments (greedy only for now).
+    /// Predict timestamp tokens and report timed segments (long-form, window after window).
     #[arg(long)]
     pub timestamps: bool,
+    /// Temperatures tried in turn when a decoding fails the thresholds ("0" alone: no
+    /// fallback).
+    #[arg(long, value_delimiter = ',', default_value = "0,0.2,0.4,0.6,0.8,1.0")]
+    pub temperature: Vec<f64>,
+    /// Sampled candidates per window at temperatures above 0.
+    #[arg(long, default_value_t = 5)]
+    pub best_of: usize,
+    /// Retry at the next temperature above this gzip compression ratio (negative: off).
+    #[arg(long, default_value_t = 2.4, allow_negative_numbers = true)]
+    pub compression_ratio_threshold: f64,
+    /// Retry at the next temperature below this average log-probability.
+    #[arg(long, default_value_t = -1.0, allow_negative_numbers = true)]
+    pub logprob_threshold: f64,
+    /// A window is silence above this no-speech probability (with a low log-probability).
+    #[arg(long, default_value_t = 0.6)]
+    pub no_speech_threshold: f64,
+    /// Text the decoder sees as if it preceded the audio (names, spelling, punctuation).
+    #[arg(long)]
+    pub initial_prompt: Option<String>,
+    /// Long-form: do not prompt each window with the text of the previous ones.
+    #[arg(long)]
+    pub no_condition_on_previous_text: bool,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
 }
@@ -79,7 +101,6 @@ struct SegmentOut {
     end: f64,
     text: String,
     avg_logprob: f64,
-    /// `null` for beam search.
     no_speech_prob: Option<f64>,
 }
 
@@ -125,6 +146,16 @@ pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
         },
         beam_size: args.beam.max(1),
         timestamps: args.timestamps,
+        fallback: FallbackOptions {
+            temperatures: args.temperature.clone(),
+            best_of: args.best_of.max(1),
+            compression_ratio_threshold: (args.compression_ratio_threshold >= 0.0)
+                .then_some(args.compression_ratio_threshold),
+            logprob_threshold: Some(args.logprob_threshold),
+            no_speech_threshold: Some(args.no_speech_threshold),
+        },
+        initial_prompt: args.initial_prompt.clone(),
+        condition_on_previous_text: !args.no_condition_on_previous_text,
         ..Default::default()
     };
     let mut results = Vec::new();

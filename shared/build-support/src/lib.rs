@@ -7,7 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
-/// Emits `-Wl,-rpath,<libtorch>/lib` for every target of the calling package. Call from
+/// Emits `-Wl,-rpath,<libtorch>/lib` (and keeps `libtorch_cuda` linked when the libtorch has
+/// it) for every target of the calling package. Call from
 /// `build.rs`. The path is kept unresolved (`<repo>/.venv/libtorch/lib`) so that a venv
 /// rebuilt under a new cache key is picked up without relinking.
 pub fn link_libtorch_rpath() {
@@ -25,6 +26,12 @@ pub fn link_libtorch_rpath() {
         );
     }
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    // Nothing calls into libtorch_cuda directly, so `--as-needed` drops it and libtorch then
+    // sees no CUDA at all: keep it whenever this libtorch has it (its CUDA libraries resolve
+    // through its own RUNPATH, and load fine on machines without a GPU).
+    if lib.join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-ltorch_cuda,--pop-state");
+    }
 }
 
 fn absolute(path: &Path) -> PathBuf {

@@ -9,8 +9,9 @@ use std::collections::HashMap;
 use tch::{Kind, Tensor};
 
 use crate::generation::GenerationConfig;
-use crate::greedy::suppress;
+use crate::greedy::{no_speech_probs, SuppressMasks};
 use crate::model::Whisper;
+use crate::timestamps::TimestampRules;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BeamOptions {
@@ -19,6 +20,8 @@ pub struct BeamOptions {
     /// `None`: divide by the length (openai's default).
     pub length_penalty: Option<f64>,
     pub max_new_tokens: usize,
+    /// The timestamp rules, applied to every beam, when timestamps are decoded.
+    pub timestamps: Option<TimestampRules>,
 }
 
 impl Default for BeamOptions {
@@ -28,6 +31,7 @@ impl Default for BeamOptions {
             patience: 1.0,
             length_penalty: None,
             max_new_tokens: 224,
+            timestamps: None,
         }
     }
 }
@@ -49,7 +53,8 @@ impl Hypothesis {
             .unwrap_or(self.tokens.len())
     }
 
-    fn score(&self, eot: i64, length_penalty: Option<f64>) -> f64 {
+    /// openai's `MaximumLikelihoodRanker` score.
+    pub fn score(&self, eot: i64, length_penalty: Option<f64>) -> f64 {
         let length = self.text_len(eot) as f64;
         let penalty = match length_penalty {
             None => length,
@@ -59,29 +64,40 @@ impl Hypothesis {
     }
 }
 
-/// Beam search over one window (`mel` is `[1, n_mels, 3000]`); returns the best hypothesis.
+/// The winner of a beam search and the window's no-speech probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BeamResult {
+    pub best: Hypothesis,
+    pub no_speech_prob: f64,
+}
+
+/// Beam search over one encoded window (`encoder_out` is `[1, 1500, D]`).
 pub fn beam_search(
     model: &Whisper,
     generation: &GenerationConfig,
-    mel: &Tensor,
+    encoder_out: &Tensor,
     prompt: &[i64],
     options: &BeamOptions,
-) -> Hypothesis {
+) -> BeamResult {
     tch::no_grad(|| {
         let beam_size = options.beam_size.max(1);
         let max_candidates = ((beam_size as f64 * options.patience).round() as usize).max(1);
         let eot = generation.eos_token_id;
-        let device = mel.device();
-        let encoder_out = model.encoder.forward(mel).repeat([beam_size as i64, 1, 1]);
-        let mut cache = model.decoder.new_cache(&encoder_out);
+        let device = encoder_out.device();
+        let mut cache = model
+            .decoder
+            .new_cache(&encoder_out.repeat([beam_size as i64, 1, 1]));
         let prompt_rows = Tensor::from_slice(prompt)
             .to_device(device)
             .unsqueeze(0)
             .repeat([beam_size as i64, 1]);
-        let mut logits = model
-            .decoder
-            .forward(&prompt_rows, &mut cache)
-            .select(1, -1);
+        let prompt_logits = model.decoder.forward(&prompt_rows, &mut cache);
+        let no_speech_prob = no_speech_probs(&prompt_logits, generation, prompt)
+            .first()
+            .copied()
+            .unwrap_or(0.0);
+        let masks = SuppressMasks::new(generation, prompt_logits.size()[2], device);
+        let mut logits = prompt_logits.select(1, -1);
         let mut beams = vec![
             Hypothesis {
                 tokens: Vec::new(),
@@ -93,9 +109,10 @@ pub fn beam_search(
         let room = generation.max_length.saturating_sub(prompt.len());
         for step in 0..options.max_new_tokens.min(room) {
             let mut step_logits = logits.to_kind(Kind::Float);
-            suppress(&mut step_logits, &generation.suppress_tokens);
-            if step == 0 {
-                suppress(&mut step_logits, &generation.begin_suppress_tokens);
+            masks.apply(&mut step_logits, step);
+            if let Some(rules) = &options.timestamps {
+                let generated: Vec<Vec<i64>> = beams.iter().map(|b| b.tokens.clone()).collect();
+                rules.apply(&mut step_logits, &generated);
             }
             let logprobs = step_logits.log_softmax(-1, Kind::Float);
             let (top_values, top_indices) = logprobs.topk((beam_size + 1) as i64, -1, true, true);
@@ -180,7 +197,7 @@ pub fn beam_search(
             }
             finished.push(beam);
         }
-        finished
+        let best = finished
             .into_iter()
             .map(|h| (h.score(eot, options.length_penalty), h))
             .fold(None::<(f64, Hypothesis)>, |best, (score, h)| match best {
@@ -191,6 +208,10 @@ pub fn beam_search(
             .unwrap_or(Hypothesis {
                 tokens: Vec::new(),
                 sum_logprob: 0.0,
-            })
+            });
+        BeamResult {
+            best,
+            no_speech_prob,
+        }
     })
 }

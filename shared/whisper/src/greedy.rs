@@ -1,7 +1,7 @@
-//! Greedy decoding of a batch of windows, as HF `generate(num_beams=1, do_sample=False)`
-//! does for Whisper short-form: forced prompt, `suppress_tokens` at every step,
-//! `begin_suppress_tokens` at the first generated position, the timestamp rules when
-//! timestamps are asked for, stop at end-of-text.
+//! Greedy decoding (and sampling at a temperature) of a batch of windows, as HF
+//! `generate(num_beams=1)` / openai's `GreedyDecoder` do for Whisper short-form: forced prompt,
+//! `suppress_tokens` at every step, `begin_suppress_tokens` at the first generated position,
+//! the timestamp rules when timestamps are asked for, stop at end-of-text.
 
 use tch::{Kind, Tensor};
 
@@ -27,13 +27,46 @@ pub fn suppress(logits: &mut Tensor, tokens: &[i64]) {
     let _ = logits.index_fill_(1, &index, f64::NEG_INFINITY);
 }
 
+/// The generation config's token bans as additive `[V]` masks (0 or -inf), built once per
+/// decoding instead of at every step.
+pub struct SuppressMasks {
+    every_step: Tensor,
+    first_step: Tensor,
+}
+
+impl SuppressMasks {
+    pub fn new(generation: &GenerationConfig, vocab: i64, device: tch::Device) -> Self {
+        let mask = |tokens: &[i64]| {
+            let mut mask = Tensor::zeros([1, vocab], (Kind::Float, device));
+            suppress(&mut mask, tokens);
+            mask.squeeze_dim(0)
+        };
+        let every_step = mask(&generation.suppress_tokens);
+        let first_step = &every_step + mask(&generation.begin_suppress_tokens);
+        Self {
+            every_step,
+            first_step,
+        }
+    }
+
+    /// Applies the bans of decoding step `step` (0 = first generated token) to `[B, V]`.
+    pub fn apply(&self, logits: &mut Tensor, step: usize) {
+        let mask = if step == 0 {
+            &self.first_step
+        } else {
+            &self.every_step
+        };
+        *logits += mask;
+    }
+}
+
 /// One window's greedy result.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GreedyOutput {
     /// Generated tokens (without the prompt, with end-of-text when reached).
     pub tokens: Vec<i64>,
-    /// Sum of the chosen tokens' log-probabilities (after the logit filters), end-of-text
-    /// included, as openai sums them.
+    /// Sum of the chosen tokens' log-probabilities (after the logit filters, before any
+    /// temperature), end-of-text included, as openai sums them.
     pub sum_logprob: f64,
     /// Probability of `<|nospeech|>` right after start-of-transcript.
     pub no_speech_prob: f64,
@@ -47,6 +80,15 @@ impl GreedyOutput {
     }
 }
 
+/// How [`decode_greedy`] picks tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct GreedyOptions<'a> {
+    pub max_new_tokens: usize,
+    /// 0: the most likely token; above 0: sampled from `softmax(logits / temperature)`.
+    pub temperature: f64,
+    pub timestamps: Option<&'a TimestampRules>,
+}
+
 /// Decodes each window of `mel` (`[B, n_mels, 3000]`) greedily after `prompt`; returns the
 /// generated tokens of each (without the prompt, with the end-of-text token when reached).
 pub fn greedy(
@@ -57,7 +99,12 @@ pub fn greedy(
     max_new_tokens: usize,
     timestamps: Option<&TimestampRules>,
 ) -> Vec<Vec<i64>> {
-    greedy_detailed(model, generation, mel, prompt, max_new_tokens, timestamps)
+    let options = GreedyOptions {
+        max_new_tokens,
+        temperature: 0.0,
+        timestamps,
+    };
+    greedy_detailed(model, generation, mel, prompt, &options)
         .into_iter()
         .map(|o| o.tokens)
         .collect()
@@ -69,71 +116,80 @@ pub fn greedy_detailed(
     generation: &GenerationConfig,
     mel: &Tensor,
     prompt: &[i64],
-    max_new_tokens: usize,
-    timestamps: Option<&TimestampRules>,
+    options: &GreedyOptions,
+) -> Vec<GreedyOutput> {
+    let encoder_out = tch::no_grad(|| model.encoder.forward_in_chunks(mel, ENCODER_CHUNK));
+    decode_greedy(model, generation, &encoder_out, prompt, options)
+}
+
+/// Greedy decoding of already encoded windows (`[B, 1500, D]`), so that a retry at another
+/// temperature does not run the encoder again. Rows that reach end-of-text leave the batch.
+pub fn decode_greedy(
+    model: &Whisper,
+    generation: &GenerationConfig,
+    encoder_out: &Tensor,
+    prompt: &[i64],
+    options: &GreedyOptions,
 ) -> Vec<GreedyOutput> {
     tch::no_grad(|| {
-        let batch = mel.size()[0];
-        let encoder_out = model.encoder.forward_in_chunks(mel, ENCODER_CHUNK);
-        let mut cache = model.decoder.new_cache(&encoder_out);
+        let batch = encoder_out.size()[0] as usize;
+        let device = encoder_out.device();
+        let eot = generation.eos_token_id;
+        let mut cache = model.decoder.new_cache(encoder_out);
         let prompt_tensor = Tensor::from_slice(prompt)
-            .to_device(mel.device())
+            .to_device(device)
             .unsqueeze(0)
-            .repeat([batch, 1]);
+            .repeat([batch as i64, 1]);
         let prompt_logits = model.decoder.forward(&prompt_tensor, &mut cache);
-        // <|nospeech|> is the token before <|notimestamps|> in every multilingual vocabulary.
-        let no_speech_token = generation.no_timestamps_token_id - 1;
-        let no_speech: Vec<f64> = Vec::<f32>::try_from(
-            &prompt_logits
-                .select(1, 0)
-                .to_kind(Kind::Float)
-                .softmax(-1, Kind::Float)
-                .select(1, no_speech_token),
-        )
-        .unwrap_or_default()
-        .into_iter()
-        .map(f64::from)
-        .collect();
+        let vocab = prompt_logits.size()[2];
+        let masks = SuppressMasks::new(generation, vocab, device);
+        let no_speech = no_speech_probs(&prompt_logits, generation, prompt);
         let mut logits = prompt_logits.select(1, -1);
-        let mut sums = vec![0.0f64; batch as usize];
-        let mut outputs: Vec<Vec<i64>> = vec![Vec::new(); batch as usize];
-        let mut finished = vec![false; batch as usize];
+        let mut sums = vec![0.0f64; batch];
+        let mut outputs: Vec<Vec<i64>> = vec![Vec::new(); batch];
+        // Output index of each row still in the batch (and in the cache).
+        let mut active: Vec<usize> = (0..batch).collect();
         let room = generation.max_length.saturating_sub(prompt.len());
-        for step in 0..max_new_tokens.min(room) {
+        for step in 0..options.max_new_tokens.min(room) {
             let mut step_logits = logits.to_kind(Kind::Float);
-            suppress(&mut step_logits, &generation.suppress_tokens);
-            if step == 0 {
-                suppress(&mut step_logits, &generation.begin_suppress_tokens);
+            masks.apply(&mut step_logits, step);
+            if let Some(rules) = options.timestamps {
+                let generated: Vec<Vec<i64>> = active.iter().map(|&i| outputs[i].clone()).collect();
+                rules.apply(&mut step_logits, &generated);
             }
-            if let Some(rules) = timestamps {
-                rules.apply(&mut step_logits, &outputs);
-            }
-            let next = step_logits.argmax(-1, false);
+            let next = if options.temperature > 0.0 {
+                (&step_logits / options.temperature)
+                    .softmax(-1, Kind::Float)
+                    .multinomial(1, false)
+                    .squeeze_dim(1)
+            } else {
+                step_logits.argmax(-1, false)
+            };
             let chosen = step_logits
                 .log_softmax(-1, Kind::Float)
                 .gather(1, &next.unsqueeze(1), false)
                 .squeeze_dim(1);
             let chosen: Vec<f32> = Vec::<f32>::try_from(&chosen).unwrap_or_default();
             let next_ids: Vec<i64> = Vec::<i64>::try_from(&next).unwrap_or_default();
-            for (i, &token) in next_ids.iter().enumerate() {
-                if !finished[i] {
-                    outputs[i].push(token);
-                    sums[i] += f64::from(chosen.get(i).copied().unwrap_or(0.0));
-                    finished[i] = token == generation.eos_token_id;
+            let mut keep_rows = Vec::with_capacity(active.len());
+            let mut fed = Vec::with_capacity(active.len());
+            for (row, &i) in active.iter().enumerate() {
+                let token = next_ids.get(row).copied().unwrap_or(eot);
+                outputs[i].push(token);
+                sums[i] += f64::from(chosen.get(row).copied().unwrap_or(0.0));
+                if token != eot {
+                    keep_rows.push(row as i64);
+                    fed.push(token);
                 }
             }
-            if finished.iter().all(|&f| f) {
+            if fed.is_empty() {
                 break;
             }
-            // Finished rows keep feeding end-of-text; their outputs no longer change.
-            let fed: Vec<i64> = next_ids
-                .iter()
-                .zip(&finished)
-                .map(|(&t, &done)| if done { generation.eos_token_id } else { t })
-                .collect();
-            let fed = Tensor::from_slice(&fed)
-                .to_device(mel.device())
-                .unsqueeze(1);
+            if keep_rows.len() < active.len() {
+                cache.select(&Tensor::from_slice(&keep_rows).to_device(device));
+                active = keep_rows.iter().map(|&row| active[row as usize]).collect();
+            }
+            let fed = Tensor::from_slice(&fed).to_device(device).unsqueeze(1);
             logits = model.decoder.forward(&fed, &mut cache).select(1, -1);
         }
         outputs
@@ -147,4 +203,30 @@ pub fn greedy_detailed(
             })
             .collect()
     })
+}
+
+/// Probability of `<|nospeech|>` at the start-of-transcript position of each row (the
+/// prompt may begin with previous text).
+pub fn no_speech_probs(
+    prompt_logits: &Tensor,
+    generation: &GenerationConfig,
+    prompt: &[i64],
+) -> Vec<f64> {
+    // <|nospeech|> is the token before <|notimestamps|> in every multilingual vocabulary.
+    let no_speech_token = generation.no_timestamps_token_id - 1;
+    let sot_index = prompt
+        .iter()
+        .position(|&t| t == generation.decoder_start_token_id)
+        .unwrap_or(0) as i64;
+    Vec::<f32>::try_from(
+        &prompt_logits
+            .select(1, sot_index)
+            .to_kind(Kind::Float)
+            .softmax(-1, Kind::Float)
+            .select(1, no_speech_token),
+    )
+    .unwrap_or_default()
+    .into_iter()
+    .map(f64::from)
+    .collect()
 }

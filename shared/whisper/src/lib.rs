@@ -4,7 +4,8 @@
 //! - [`weights`]: named tensors of an HF safetensors directory;
 //! - [`linear`], [`model`]: the network (HF names and layout), no I/O;
 //! - [`generation`]: generation_config.json (prompt tokens, suppression);
-//! - [`greedy`], [`beam`]: greedy decoding and openai-style beam search;
+//! - [`greedy`], [`beam`]: greedy decoding (and sampling) and openai-style beam search;
+//! - [`fallback`]: temperature fallback, compression ratio and the no-speech rule;
 //! - [`timestamps`]: timestamp rules and segments; [`longform`]: seek-based long-form;
 //! - [`tokenizer`]: tokenizer.json; [`metrics`]: character error rate;
 //! - [`transcriber`]: a loaded model directory and short-form transcription of windows;
@@ -14,6 +15,7 @@
 pub mod beam;
 pub mod config;
 pub mod ct2;
+pub mod fallback;
 pub mod generation;
 pub mod greedy;
 pub mod linear;
@@ -26,10 +28,11 @@ pub mod transcriber;
 pub mod weights;
 
 pub use config::WhisperConfig;
+pub use fallback::FallbackOptions;
 pub use generation::{GenerationConfig, Task};
 pub use model::{Decoder, DecoderCache, Encoder, Whisper};
 pub use tokenizer::WhisperTokenizer;
 pub use transcriber::{
     DecodeOptions, LoadOptions, LoadedModel, Precision, TimedText, WindowTranscript,
 };
-pub use weights::Weights;
+pub use weights::{OutputProjection, Weights};

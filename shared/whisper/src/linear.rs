@@ -21,7 +21,7 @@ enum LinearWeight {
 /// A weight `[out, in]` as int8 with per-output-channel scales: `w ≈ q * scale[out]`.
 #[derive(Debug)]
 pub struct Int8Weight {
-    /// int8 `[in, out]`, the layout `_int_mm` takes as its second operand.
+    /// int8 `[in, out]`, the second operand of `_int_mm`.
     q_t: Tensor,
     /// f32 `[out]`.
     scale: Tensor,
@@ -37,8 +37,15 @@ impl Int8Weight {
             .round()
             .clamp(-127.0, 127.0)
             .to_kind(Kind::Int8);
+        // `[in, out]`: row-major on the CPU; on CUDA the transposed view of `[out, in]`
+        // (column-major), since cuBLASLt's int8 kernels only take that (TN) layout.
+        let q_t = if q.device() == Device::Cpu {
+            q.tr().contiguous()
+        } else {
+            q.contiguous().tr()
+        };
         Self {
-            q_t: q.tr().contiguous(),
+            q_t,
             scale: scale.squeeze_dim(1),
             outlier_threshold,
         }
@@ -131,8 +138,29 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
+    /// An int8 layer without bias for an existing float weight `[out, in]` (the tied logits
+    /// projection).
+    pub fn int8_from(weight: &Tensor, outlier_threshold: f64) -> Self {
+        Self {
+            weight: LinearWeight::Int8(Int8Weight::quantize(weight, outlier_threshold)),
+            bias: None,
+        }
+    }
+
+    /// A float layer without bias for an existing weight `[out, in]`; inputs are cast to the
+    /// weight's kind.
+    pub fn float_from(weight: &Tensor) -> Self {
+        Self {
+            weight: LinearWeight::Float(weight.shallow_clone()),
+            bias: None,
+        }
+    }
+
     pub fn forward(&self, xs: &Tensor) -> Tensor {
         match &self.weight {
+            LinearWeight::Float(weight) if weight.kind() != xs.kind() => {
+                xs.to_kind(weight.kind()).linear(weight, self.bias.as_ref())
+            }
             LinearWeight::Float(weight) => xs.linear(weight, self.bias.as_ref()),
             LinearWeight::Int8(weight) => {
                 let shape = xs.size();

@@ -9,7 +9,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::WhisperConfig;
 use crate::linear::{tensor_bytes, LayerNorm, Linear};
-use crate::weights::Weights;
+use crate::weights::{OutputProjection, Weights};
 
 /// Multi-head attention (HF `WhisperAttention`): q/v/out projections with bias, k without.
 #[derive(Debug)]
@@ -339,6 +339,8 @@ impl DecoderCache {
 #[derive(Debug)]
 pub struct Decoder {
     embed_tokens: Tensor,
+    /// The logits projection when it is not `embed_tokens` itself (tied).
+    proj_out: Option<Linear>,
     embed_positions: Tensor,
     layers: Vec<DecoderLayer>,
     layer_norm: LayerNorm,
@@ -347,11 +349,25 @@ pub struct Decoder {
 impl Decoder {
     fn load(weights: &mut Weights, config: &WhisperConfig) -> anyhow::Result<Self> {
         let d = config.d_model as i64;
+        let embed_tokens = weights.take(
+            "model.decoder.embed_tokens.weight",
+            &[config.vocab_size as i64, d],
+        )?;
+        let proj_out = match weights.output_projection() {
+            OutputProjection::Tied => None,
+            OutputProjection::BFloat16 => {
+                Some(Linear::float_from(&embed_tokens.to_kind(Kind::BFloat16)))
+            }
+            OutputProjection::Int8 => Some(Linear::int8_from(
+                &embed_tokens,
+                weights
+                    .int8_threshold()
+                    .unwrap_or(crate::linear::DEFAULT_OUTLIER_THRESHOLD),
+            )),
+        };
         Ok(Self {
-            embed_tokens: weights.take(
-                "model.decoder.embed_tokens.weight",
-                &[config.vocab_size as i64, d],
-            )?,
+            embed_tokens,
+            proj_out,
             embed_positions: weights.take(
                 "model.decoder.embed_positions.weight",
                 &[config.max_target_positions as i64, d],
@@ -365,6 +381,7 @@ impl Decoder {
 
     fn weight_bytes(&self) -> i64 {
         tensor_bytes(&self.embed_tokens)
+            + self.proj_out.as_ref().map_or(0, Linear::weight_bytes)
             + tensor_bytes(&self.embed_positions)
             + self
                 .layers
@@ -372,6 +389,11 @@ impl Decoder {
                 .map(DecoderLayer::weight_bytes)
                 .sum::<i64>()
             + self.layer_norm.weight_bytes()
+    }
+
+    /// Bytes of the separate logits projection (0 when it is the tied embedding).
+    pub fn output_projection_bytes(&self) -> i64 {
+        self.proj_out.as_ref().map_or(0, Linear::weight_bytes)
     }
 
     /// A fresh cache for `encoder_out` (`[B, 1500, D]`): cross-attention keys/values once.
@@ -400,7 +422,11 @@ impl Decoder {
             xs = layer.forward(&xs, layer_cache);
         }
         cache.offset += new_tokens;
-        self.layer_norm.forward(&xs).matmul(&self.embed_tokens.tr())
+        let xs = self.layer_norm.forward(&xs);
+        match &self.proj_out {
+            Some(proj) => proj.forward(&xs).to_kind(xs.kind()),
+            None => xs.matmul(&self.embed_tokens.tr()),
+        }
     }
 }
 

@@ -12,7 +12,7 @@ pub const TIMESTAMP_STEP_SECONDS: f64 = 0.02;
 /// of text), never decrease, the first token is a timestamp no later than
 /// `max_initial_timestamp_index` steps, and when the timestamps together are more likely than
 /// any text token, a timestamp is taken.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TimestampRules {
     pub timestamp_begin: i64,
     pub no_timestamps: i64,

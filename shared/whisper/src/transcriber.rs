@@ -6,14 +6,15 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
-use crate::beam::{beam_search, BeamOptions};
+use crate::beam::BeamOptions;
+use crate::fallback::{DecodeSettings, FallbackOptions};
 use crate::generation::{GenerationConfig, Task};
-use crate::greedy::{greedy_detailed, GreedyOutput, ENCODER_CHUNK};
+use crate::greedy::ENCODER_CHUNK;
 use crate::linear::DEFAULT_OUTLIER_THRESHOLD;
 use crate::model::Whisper;
 use crate::timestamps::{segments_from_tokens, TimestampRules};
 use crate::tokenizer::WhisperTokenizer;
-use crate::weights::Weights;
+use crate::weights::{OutputProjection, Weights};
 use crate::WhisperConfig;
 
 /// How the base weights are held and computed.
@@ -44,6 +45,9 @@ pub struct LoadOptions {
     pub precision: Precision,
     /// LLM.int8 outlier threshold for int8 linears.
     pub outlier_threshold: f64,
+    /// How the logits projection is held (see [`OutputProjection`]); `None`: for int8 on the
+    /// CPU [`OutputProjection::cpu_default`], otherwise tied to the embedding.
+    pub output_projection: Option<OutputProjection>,
 }
 
 impl Default for LoadOptions {
@@ -52,6 +56,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             precision: Precision::Int8,
             outlier_threshold: DEFAULT_OUTLIER_THRESHOLD,
+            output_projection: None,
         }
     }
 }
@@ -67,8 +72,25 @@ pub struct DecodeOptions {
     pub beam_size: usize,
     pub patience: f64,
     pub length_penalty: Option<f64>,
-    /// Timestamp tokens and timed segments (greedy only for now).
+    /// Timestamp tokens and timed segments.
     pub timestamps: bool,
+    /// Temperatures, thresholds and the silence rule (openai's defaults).
+    pub fallback: FallbackOptions,
+    /// Text given to the decoder as if it preceded the audio (vocabulary, spelling, style).
+    pub initial_prompt: Option<String>,
+    /// Long-form: each window is prompted with the text of the previous ones (until a
+    /// decoding needs a temperature above 0.5).
+    pub condition_on_previous_text: bool,
+}
+
+impl DecodeOptions {
+    /// One deterministic pass without thresholds (HF `generate`'s default behaviour).
+    pub fn without_fallback(self) -> Self {
+        Self {
+            fallback: FallbackOptions::none(),
+            ..self
+        }
+    }
 }
 
 impl Default for DecodeOptions {
@@ -81,6 +103,9 @@ impl Default for DecodeOptions {
             patience: 1.0,
             length_penalty: None,
             timestamps: false,
+            fallback: FallbackOptions::default(),
+            initial_prompt: None,
+            condition_on_previous_text: true,
         }
     }
 }
@@ -95,8 +120,13 @@ pub struct WindowTranscript {
     pub segments: Vec<TimedText>,
     /// Mean log-probability per token (openai's `avg_logprob`).
     pub avg_logprob: f64,
-    /// Probability of `<|nospeech|>` (greedy decoding only).
+    /// Probability of `<|nospeech|>`.
     pub no_speech_prob: Option<f64>,
+    /// The temperature of the decoding kept (above 0 after a fallback).
+    pub temperature: f64,
+    pub compression_ratio: f64,
+    /// Judged silent by the no-speech rule: no tokens, text or segments.
+    pub silent: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -128,7 +158,14 @@ impl LoadedModel {
         let generation = GenerationConfig::from_file(&dir.join("generation_config.json"))?;
         let tokenizer =
             WhisperTokenizer::from_file(&dir.join("tokenizer.json"), generation.eos_token_id)?;
-        let mut weights = Weights::from_dir(dir, options.device, options.precision.compute_kind())?;
+        let mut weights = Weights::from_dir(dir, options.device, options.precision.compute_kind())?
+            .with_output_projection(options.output_projection.unwrap_or(
+                if options.precision == Precision::Int8 && options.device == Device::Cpu {
+                    OutputProjection::cpu_default()
+                } else {
+                    OutputProjection::Tied
+                },
+            ));
         if options.precision == Precision::Int8 {
             weights = weights.with_int8_linears(options.outlier_threshold);
         }
@@ -160,6 +197,12 @@ impl LoadedModel {
 
     /// Language code of each window, from the decoder's first step after start-of-transcript.
     pub fn detect_language(&self, mel: &Tensor) -> anyhow::Result<Vec<String>> {
+        let encoder_out = tch::no_grad(|| self.model.encoder.forward_in_chunks(mel, ENCODER_CHUNK));
+        self.detect_language_encoded(&encoder_out)
+    }
+
+    /// [`Self::detect_language`] of encoded windows (`[B, 1500, D]`).
+    pub fn detect_language_encoded(&self, encoder_out: &Tensor) -> anyhow::Result<Vec<String>> {
         let (codes, ids): (Vec<String>, Vec<i64>) = self
             .generation
             .lang_to_id
@@ -176,15 +219,15 @@ impl LoadedModel {
             .unzip();
         anyhow::ensure!(!ids.is_empty(), "this model has no language tokens");
         tch::no_grad(|| {
-            let encoder_out = self.model.encoder.forward_in_chunks(mel, ENCODER_CHUNK);
-            let mut cache = self.model.decoder.new_cache(&encoder_out);
+            let device = encoder_out.device();
+            let mut cache = self.model.decoder.new_cache(encoder_out);
             let start = Tensor::from_slice(&[self.generation.decoder_start_token_id])
-                .to_device(mel.device())
+                .to_device(device)
                 .unsqueeze(0)
-                .repeat([mel.size()[0], 1]);
+                .repeat([encoder_out.size()[0], 1]);
             let logits = self.model.decoder.forward(&start, &mut cache).select(1, 0);
             let language_logits =
-                logits.index_select(1, &Tensor::from_slice(&ids).to_device(mel.device()));
+                logits.index_select(1, &Tensor::from_slice(&ids).to_device(device));
             let best = Vec::<i64>::try_from(&language_logits.argmax(-1, false))?;
             Ok(best
                 .into_iter()
@@ -193,23 +236,57 @@ impl LoadedModel {
         })
     }
 
-    /// Short-form transcription of each window (greedy, or beam search when `beam_size > 1`).
+    /// The tokens of `options.initial_prompt` (with openai's leading space), or none.
+    pub fn initial_prompt_tokens(&self, options: &DecodeOptions) -> anyhow::Result<Vec<i64>> {
+        match &options.initial_prompt {
+            Some(text) if !text.trim().is_empty() => {
+                self.tokenizer.encode(&format!(" {}", text.trim()))
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Short-form transcription of each window (greedy, or beam search when `beam_size > 1`,
+    /// with temperature fallback), prompted with the initial prompt if any.
     pub fn transcribe_windows(
         &self,
         windows: &[Vec<f32>],
         options: &DecodeOptions,
     ) -> anyhow::Result<Vec<WindowTranscript>> {
-        anyhow::ensure!(
-            !(options.timestamps && options.beam_size > 1),
-            "timestamps with beam search are not supported yet; use greedy (beam 1)"
-        );
+        let previous = self.initial_prompt_tokens(options)?;
+        self.transcribe_windows_after(windows, options, &previous)
+    }
+
+    /// [`Self::transcribe_windows`] after the given previous-text tokens.
+    pub fn transcribe_windows_after(
+        &self,
+        windows: &[Vec<f32>],
+        options: &DecodeOptions,
+        previous: &[i64],
+    ) -> anyhow::Result<Vec<WindowTranscript>> {
         let mel = self.batch(windows);
+        let encoder_out =
+            tch::no_grad(|| self.model.encoder.forward_in_chunks(&mel, ENCODER_CHUNK));
         let languages: Vec<Option<String>> = match &options.language {
             Some(code) => vec![Some(code.clone()); windows.len()],
-            None if self.generation.is_multilingual => {
-                self.detect_language(&mel)?.into_iter().map(Some).collect()
-            }
+            None if self.generation.is_multilingual => self
+                .detect_language_encoded(&encoder_out)?
+                .into_iter()
+                .map(Some)
+                .collect(),
             None => vec![None; windows.len()],
+        };
+        let rules = TimestampRules::new(&self.generation);
+        let settings = DecodeSettings {
+            beam: BeamOptions {
+                beam_size: options.beam_size,
+                patience: options.patience,
+                length_penalty: options.length_penalty,
+                max_new_tokens: options.max_new_tokens,
+                timestamps: None,
+            },
+            timestamps: options.timestamps.then_some(&rules),
+            fallback: &options.fallback,
         };
         // Windows with the same language decode as one batch.
         let mut results: Vec<Option<WindowTranscript>> = vec![None; windows.len()];
@@ -219,53 +296,26 @@ impl LoadedModel {
             let (group, rest): (Vec<usize>, Vec<usize>) =
                 remaining.iter().partition(|&&i| languages[i] == language);
             remaining = rest;
-            let rules = TimestampRules::new(&self.generation);
-            let prompt =
-                self.generation
-                    .prompt(language.as_deref(), options.task, options.timestamps)?;
+            let prompt = self.generation.prompt_after(
+                previous,
+                language.as_deref(),
+                options.task,
+                options.timestamps,
+            )?;
             let index = Tensor::from_slice(&group.iter().map(|&i| i as i64).collect::<Vec<_>>())
-                .to_device(mel.device());
-            let group_mel = mel.index_select(0, &index);
-            let eot = self.generation.eos_token_id;
-            let decoded: Vec<GreedyOutput> = if options.beam_size > 1 {
-                let beam = BeamOptions {
-                    beam_size: options.beam_size,
-                    patience: options.patience,
-                    length_penalty: options.length_penalty,
-                    max_new_tokens: options.max_new_tokens,
+                .to_device(encoder_out.device());
+            let decoded = self.decode_with_fallback(
+                &encoder_out.index_select(0, &index),
+                &prompt,
+                &settings,
+            )?;
+            for (&i, decoded) in group.iter().zip(decoded) {
+                let silent = options.fallback.is_silence(&decoded);
+                let (tokens, text) = if silent {
+                    (Vec::new(), String::new())
+                } else {
+                    (decoded.tokens, decoded.text)
                 };
-                (0..group.len() as i64)
-                    .map(|i| {
-                        let best = beam_search(
-                            &self.model,
-                            &self.generation,
-                            &group_mel.narrow(0, i, 1),
-                            &prompt,
-                            &beam,
-                        );
-                        GreedyOutput {
-                            tokens: best.tokens,
-                            sum_logprob: best.sum_logprob,
-                            no_speech_prob: f64::NAN,
-                        }
-                    })
-                    .collect()
-            } else {
-                greedy_detailed(
-                    &self.model,
-                    &self.generation,
-                    &group_mel,
-                    &prompt,
-                    options.max_new_tokens,
-                    options.timestamps.then_some(&rules),
-                )
-            };
-            for (&i, output) in group.iter().zip(decoded) {
-                let avg_logprob = output.avg_logprob(eot);
-                let no_speech_prob =
-                    (!output.no_speech_prob.is_nan()).then_some(output.no_speech_prob);
-                let tokens = output.tokens;
-                let text = self.tokenizer.decode(&tokens)?;
                 let pieces = if options.timestamps {
                     segments_from_tokens(&tokens, &rules, 30.0)
                 } else {
@@ -286,8 +336,11 @@ impl LoadedModel {
                     tokens,
                     text,
                     segments,
-                    avg_logprob,
-                    no_speech_prob,
+                    avg_logprob: decoded.avg_logprob,
+                    no_speech_prob: decoded.no_speech_prob,
+                    temperature: decoded.temperature,
+                    compression_ratio: decoded.compression_ratio,
+                    silent,
                 });
             }
         }

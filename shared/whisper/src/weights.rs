@@ -14,6 +14,35 @@ pub struct Weights {
     kind: Kind,
     /// When set, linear layers are quantised to int8 with this outlier threshold.
     int8_threshold: Option<f64>,
+    /// How the logits projection (tied to the token embedding) is held.
+    output_projection: OutputProjection,
+}
+
+/// How the decoder's logits projection, tied to the token embedding, is held. On the CPU it is
+/// the largest matrix read at every decoding step (51865 x d_model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutputProjection {
+    /// The embedding itself, in the model's kind (bitsandbytes keeps it so in int8 models).
+    #[default]
+    Tied,
+    /// A bfloat16 copy: a float format still, about 4x faster than f32 on CPUs with
+    /// AVX512-BF16 / AMX.
+    BFloat16,
+    /// An int8 copy through the int8 GEMM, as CTranslate2's int8 models do.
+    Int8,
+}
+
+impl OutputProjection {
+    /// For int8 models on the CPU: bfloat16 where the CPU multiplies it natively (AVX512-BF16;
+    /// on whisper-base it cut the decoding time of the espeak test clips by about a third and
+    /// moved their CER by 0.1 point), the tied float embedding elsewhere.
+    pub fn cpu_default() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512bf16") {
+            return Self::BFloat16;
+        }
+        Self::Tied
+    }
 }
 
 impl Weights {
@@ -57,6 +86,7 @@ impl Weights {
             device,
             kind,
             int8_threshold: None,
+            output_projection: OutputProjection::Tied,
         }
     }
 
@@ -69,6 +99,15 @@ impl Weights {
 
     pub fn int8_threshold(&self) -> Option<f64> {
         self.int8_threshold
+    }
+
+    pub fn with_output_projection(mut self, projection: OutputProjection) -> Self {
+        self.output_projection = projection;
+        self
+    }
+
+    pub fn output_projection(&self) -> OutputProjection {
+        self.output_projection
     }
 
     pub fn device(&self) -> Device {

@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use asr_audio::{LogMelExtractor, MelConfig};
 use asr_whisper::metrics::cer;
-use asr_whisper::{DecodeOptions, LoadOptions, LoadedModel, Precision};
+use asr_whisper::{DecodeOptions, LoadOptions, LoadedModel, OutputProjection, Precision};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
@@ -47,12 +47,32 @@ pub struct WorkerArgs {
     threads: usize,
     #[arg(long)]
     batch: usize,
+    /// How the logits projection is held (default: the library's choice).
+    #[arg(long, value_enum)]
+    output_projection: Option<ProjectionArg>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum WorkerPrecision {
     Int8,
     Fp32,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ProjectionArg {
+    Tied,
+    Bf16,
+    Int8,
+}
+
+impl From<ProjectionArg> for OutputProjection {
+    fn from(arg: ProjectionArg) -> Self {
+        match arg {
+            ProjectionArg::Tied => OutputProjection::Tied,
+            ProjectionArg::Bf16 => OutputProjection::BFloat16,
+            ProjectionArg::Int8 => OutputProjection::Int8,
+        }
+    }
 }
 
 /// What each engine reports.
@@ -107,6 +127,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         &args.model,
         LoadOptions {
             precision,
+            output_projection: args.output_projection.map(Into::into),
             ..Default::default()
         },
     )?;
@@ -118,10 +139,12 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let bank = std::sync::Arc::new(asr_audio::MelFilterBank::new(MelConfig::new(
         model.n_mels() as u32,
     )?));
+    // As the references run: temperature 0, no fallback.
     let options = DecodeOptions {
         language: Some("zh".into()),
         ..Default::default()
-    };
+    }
+    .without_fallback();
     let start = Instant::now();
     let mut texts = Vec::with_capacity(audio.len());
     for batch in audio.chunks(args.batch.max(1)) {
