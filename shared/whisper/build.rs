@@ -1,3 +1,25 @@
+//! Links the crate's binaries to the venv's libtorch and compiles the C++ autograd Function
+//! that carries gradients through int8 linear layers (csrc/int8_grad.cpp).
+
 fn main() {
     build_support::link_libtorch_rpath();
+    println!("cargo:rerun-if-changed=csrc/int8_grad.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let Some(libtorch) = std::env::var_os("LIBTORCH").map(std::path::PathBuf::from) else {
+        panic!("LIBTORCH is not set (.cargo/config.toml sets it to .venv/libtorch; run scripts/setup.sh)");
+    };
+    let include = libtorch.join("include");
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/int8_grad.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .warnings(false)
+        .compile("asr_int8_grad");
 }

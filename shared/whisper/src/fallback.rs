@@ -98,6 +98,9 @@ pub fn compression_ratio(text: &str) -> f64 {
     text.len() as f64 / compressed.max(1) as f64
 }
 
+/// Most decoder rows (windows x samples) decoded as one batch.
+pub const MAX_DECODE_ROWS: usize = 16;
+
 /// How one group of windows is decoded.
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeSettings<'a> {
@@ -185,12 +188,25 @@ impl LoadedModel {
                 temperature,
                 timestamps: settings.timestamps,
             };
-            let repeated = if samples > 1 {
-                encoded.repeat_interleave_self_int(samples as i64, 0, None)
-            } else {
-                encoded.shallow_clone()
-            };
-            let all = decode_greedy(&self.model, &self.generation, &repeated, prompt, &options);
+            // Windows decoded together, so that best-of sampling of many windows keeps the
+            // decoder batch (and its cross-attention cache) bounded.
+            let windows_per_chunk = (MAX_DECODE_ROWS / samples).max(1) as i64;
+            let mut all = Vec::with_capacity(rows as usize * samples);
+            for start in (0..rows).step_by(windows_per_chunk as usize) {
+                let chunk = encoded.narrow(0, start, windows_per_chunk.min(rows - start));
+                let repeated = if samples > 1 {
+                    chunk.repeat_interleave_self_int(samples as i64, 0, None)
+                } else {
+                    chunk
+                };
+                all.extend(decode_greedy(
+                    &self.model,
+                    &self.generation,
+                    &repeated,
+                    prompt,
+                    &options,
+                ));
+            }
             // The most likely of each window's samples (openai's MaximumLikelihoodRanker).
             all.chunks(samples)
                 .map(|group| {

@@ -3,6 +3,7 @@
 //! - [`config`]: the HF `config.json` of every Whisper size;
 //! - [`weights`]: named tensors of an HF safetensors directory;
 //! - [`linear`], [`model`]: the network (HF names and layout), no I/O;
+//! - [`lora`], [`adapter_io`]: LoRA adapters with PEFT's semantics and file layout;
 //! - [`generation`]: generation_config.json (prompt tokens, suppression);
 //! - [`greedy`], [`beam`]: greedy decoding (and sampling) and openai-style beam search;
 //! - [`fallback`]: temperature fallback, compression ratio and the no-speech rule;
@@ -12,6 +13,7 @@
 //! - [`ct2`]: reading CTranslate2 / faster-whisper directories and converting them to HF
 //!   safetensors directories.
 
+pub mod adapter_io;
 pub mod beam;
 pub mod config;
 pub mod ct2;
@@ -20,6 +22,7 @@ pub mod generation;
 pub mod greedy;
 pub mod linear;
 pub mod longform;
+pub mod lora;
 pub mod metrics;
 pub mod model;
 pub mod timestamps;
@@ -30,6 +33,7 @@ pub mod weights;
 pub use config::WhisperConfig;
 pub use fallback::FallbackOptions;
 pub use generation::{GenerationConfig, Task};
+pub use lora::{Adapter, LoraBias, LoraConfig, TargetModules};
 pub use model::{Decoder, DecoderCache, Encoder, Whisper};
 pub use tokenizer::WhisperTokenizer;
 pub use transcriber::{

@@ -6,6 +6,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use crate::lora::{Adapter, LinearSite, LoraLayer};
 use crate::weights::Weights;
 
 /// LLM.int8's default outlier threshold.
@@ -99,6 +100,44 @@ impl Int8Weight {
     }
 }
 
+extern "C" {
+    /// csrc/int8_grad.cpp: `y` passed through, with dL/dx = (dL/dy * scale) @ q^T.
+    fn asr_int8_linear_grad(
+        x: *mut torch_sys::C_tensor,
+        y: *mut torch_sys::C_tensor,
+        q_t: *mut torch_sys::C_tensor,
+        scale: *mut torch_sys::C_tensor,
+    ) -> *mut torch_sys::C_tensor;
+}
+
+impl Int8Weight {
+    /// [`Self::matmul_t`], differentiable with respect to `x` when `x` needs a gradient (an
+    /// adapter below this layer trains).
+    fn matmul_t_with_grad(&self, x: &Tensor) -> Tensor {
+        let y = tch::no_grad(|| self.matmul_t(x));
+        if !x.requires_grad() {
+            return y;
+        }
+        // SAFETY: the four pointers are live tensors for the call; the C++ side returns a new
+        // heap tensor (owned by the returned `Tensor`) or null on a libtorch error.
+        let out = unsafe {
+            asr_int8_linear_grad(
+                x.as_ptr() as *mut _,
+                y.as_ptr() as *mut _,
+                self.q_t.as_ptr() as *mut _,
+                self.scale.as_ptr() as *mut _,
+            )
+        };
+        if out.is_null() {
+            // Reported on stderr by the C++ side; the output stays right, only without a
+            // gradient path.
+            return y;
+        }
+        // SAFETY: a non-null pointer from `new torch::Tensor`.
+        unsafe { Tensor::from_ptr(out) }
+    }
+}
+
 /// `_int_mm` with the shape rules of the CUDA kernel met (more than 16 rows, K and N
 /// multiples of 8): rows are padded with zeros and dropped again.
 fn int_mm(xq: &Tensor, q_t: &Tensor) -> Tensor {
@@ -112,8 +151,14 @@ fn int_mm(xq: &Tensor, q_t: &Tensor) -> Tensor {
 
 #[derive(Debug)]
 pub struct Linear {
+    /// HF module name (`model.encoder.layers.0.self_attn.q_proj`), which adapters target.
+    name: String,
+    in_dim: i64,
+    out_dim: i64,
     weight: LinearWeight,
     bias: Option<Tensor>,
+    /// The attached adapter's part for this layer.
+    lora: Option<LoraLayer>,
 }
 
 impl Linear {
@@ -135,38 +180,75 @@ impl Linear {
             Some(threshold) => LinearWeight::Int8(Int8Weight::quantize(&weight, threshold)),
             None => LinearWeight::Float(weight),
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            name: prefix.to_string(),
+            in_dim,
+            out_dim,
+            weight,
+            bias,
+            lora: None,
+        })
+    }
+
+    fn unnamed(weight: LinearWeight, shape: &[i64]) -> Self {
+        Self {
+            name: String::new(),
+            in_dim: shape[1],
+            out_dim: shape[0],
+            weight,
+            bias: None,
+            lora: None,
+        }
+    }
+
+    /// What an adapter needs to know of this layer.
+    pub fn site(&self) -> LinearSite {
+        LinearSite {
+            name: self.name.clone(),
+            in_dim: self.in_dim,
+            out_dim: self.out_dim,
+            bias: self.bias.as_ref().map(Tensor::shallow_clone),
+        }
+    }
+
+    /// Attaches `adapter`'s part for this layer (or detaches when it has none).
+    pub fn attach(&mut self, adapter: Option<&Adapter>) {
+        self.lora = adapter.and_then(|a| a.layer_for(&self.name));
     }
 
     /// An int8 layer without bias for an existing float weight `[out, in]` (the tied logits
     /// projection).
     pub fn int8_from(weight: &Tensor, outlier_threshold: f64) -> Self {
-        Self {
-            weight: LinearWeight::Int8(Int8Weight::quantize(weight, outlier_threshold)),
-            bias: None,
-        }
+        Self::unnamed(
+            LinearWeight::Int8(Int8Weight::quantize(weight, outlier_threshold)),
+            &weight.size(),
+        )
     }
 
     /// A float layer without bias for an existing weight `[out, in]`; inputs are cast to the
     /// weight's kind.
     pub fn float_from(weight: &Tensor) -> Self {
-        Self {
-            weight: LinearWeight::Float(weight.shallow_clone()),
-            bias: None,
-        }
+        Self::unnamed(LinearWeight::Float(weight.shallow_clone()), &weight.size())
     }
 
     pub fn forward(&self, xs: &Tensor) -> Tensor {
-        match &self.weight {
+        let lora = self.lora.as_ref();
+        // A trainable bias of the adapter replaces the base one.
+        let bias = lora.and_then(|l| l.bias.as_ref()).or(self.bias.as_ref());
+        let y = match &self.weight {
             LinearWeight::Float(weight) if weight.kind() != xs.kind() => {
-                xs.to_kind(weight.kind()).linear(weight, self.bias.as_ref())
+                let bias = bias.map(|b| b.to_kind(weight.kind()));
+                xs.to_kind(weight.kind()).linear(weight, bias.as_ref())
             }
-            LinearWeight::Float(weight) => xs.linear(weight, self.bias.as_ref()),
+            LinearWeight::Float(weight) => {
+                let bias = bias.map(|b| b.to_kind(weight.kind()));
+                xs.linear(weight, bias.as_ref())
+            }
             LinearWeight::Int8(weight) => {
                 let shape = xs.size();
                 let in_dim = shape[shape.len() - 1];
-                let y = weight.matmul_t(&xs.reshape([-1, in_dim]));
-                let y = match &self.bias {
+                let y = weight.matmul_t_with_grad(&xs.reshape([-1, in_dim]));
+                let y = match bias {
                     Some(bias) => y + bias.to_kind(Kind::Float),
                     None => y,
                 };
@@ -175,6 +257,10 @@ impl Linear {
                 out_shape[last] = y.size()[1];
                 y.reshape(out_shape.as_slice()).to_kind(xs.kind())
             }
+        };
+        match lora.and_then(|l| l.delta(xs)) {
+            Some(delta) => (y.to_kind(Kind::Float) + delta).to_kind(xs.kind()),
+            None => y,
         }
     }
 
@@ -244,6 +330,24 @@ mod tests {
             deq < 0.05 / 127.0 * 4.0 + 1e-6,
             "dequantisation error {deq}"
         );
+    }
+
+    #[test]
+    fn gradients_pass_through_int8_layers() {
+        tch::manual_seed(2);
+        let w = Tensor::randn([32, 64], (Kind::Float, Device::Cpu)) * 0.05;
+        let q = Int8Weight::quantize(&w, DEFAULT_OUTLIER_THRESHOLD);
+        let x = Tensor::randn([5, 64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let upstream = Tensor::randn([5, 32], (Kind::Float, Device::Cpu));
+        let y = q.matmul_t_with_grad(&x);
+        assert!(y.requires_grad());
+        (&y * &upstream).sum(Kind::Float).backward();
+        let expected = upstream.matmul(&q.dequantize());
+        let err = (x.grad() - expected).abs().max().double_value(&[]);
+        assert!(err < 1e-5, "input gradient off by {err}");
+        // Without a gradient to carry, no graph is built.
+        let plain = Tensor::randn([5, 64], (Kind::Float, Device::Cpu));
+        assert!(!q.matmul_t_with_grad(&plain).requires_grad());
     }
 
     #[test]

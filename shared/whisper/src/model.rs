@@ -9,6 +9,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::WhisperConfig;
 use crate::linear::{tensor_bytes, LayerNorm, Linear};
+use crate::lora::{Adapter, LinearSite};
 use crate::weights::{OutputProjection, Weights};
 
 /// Multi-head attention (HF `WhisperAttention`): q/v/out projections with bias, k without.
@@ -44,6 +45,15 @@ impl Attention {
             heads,
             head_dim: d_model / heads,
         })
+    }
+
+    fn linears_mut(&mut self) -> [&mut Linear; 4] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.out_proj,
+        ]
     }
 
     fn weight_bytes(&self) -> i64 {
@@ -121,6 +131,12 @@ impl EncoderLayer {
             + self.fc1.weight_bytes()
             + self.fc2.weight_bytes()
             + self.final_layer_norm.weight_bytes()
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut linears: Vec<&mut Linear> = self.self_attn.linears_mut().into();
+        linears.extend([&mut self.fc1, &mut self.fc2]);
+        linears
     }
 
     fn forward(&self, xs: &Tensor) -> Tensor {
@@ -259,6 +275,13 @@ impl DecoderLayer {
             + self.fc1.weight_bytes()
             + self.fc2.weight_bytes()
             + self.final_layer_norm.weight_bytes()
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut linears: Vec<&mut Linear> = self.self_attn.linears_mut().into();
+        linears.extend(self.encoder_attn.linears_mut());
+        linears.extend([&mut self.fc1, &mut self.fc2]);
+        linears
     }
 
     fn forward(&self, xs: &Tensor, cache: &mut LayerCache) -> Tensor {
@@ -446,6 +469,10 @@ pub struct Whisper {
     pub config: WhisperConfig,
     pub encoder: Encoder,
     pub decoder: Decoder,
+    /// Parameters as HF counts them (the tied projection once), int8 weights included.
+    parameter_count: i64,
+    /// Elements of the attached adapter's A and B matrices, and its trainable elements.
+    adapter_counts: Option<(i64, i64)>,
 }
 
 impl Whisper {
@@ -455,6 +482,7 @@ impl Whisper {
         config.validate()?;
         let encoder = Encoder::load(&mut weights, config)?;
         let decoder = Decoder::load(&mut weights, config)?;
+        let parameter_count = weights.taken_elements();
         let unused: Vec<String> = weights
             .remaining()
             .into_iter()
@@ -468,7 +496,52 @@ impl Whisper {
             config: config.clone(),
             encoder,
             decoder,
+            parameter_count,
+            adapter_counts: None,
         })
+    }
+
+    /// Every linear layer of encoder and decoder (the logits projection aside), in HF order.
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut linears = Vec::new();
+        for layer in &mut self.encoder.layers {
+            linears.extend(layer.linears_mut());
+        }
+        for layer in &mut self.decoder.layers {
+            linears.extend(layer.linears_mut());
+        }
+        linears
+    }
+
+    /// The linear layers an adapter can target.
+    pub fn linear_sites(&mut self) -> Vec<LinearSite> {
+        self.linears_mut().into_iter().map(|l| l.site()).collect()
+    }
+
+    /// Makes the adapter's layers part of the forward pass (replacing any attached before).
+    pub fn attach(&mut self, adapter: &Adapter) {
+        for linear in self.linears_mut() {
+            linear.attach(Some(adapter));
+        }
+        self.adapter_counts = Some((
+            adapter.lora_parameter_count(),
+            adapter.trainable_parameter_count(),
+        ));
+    }
+
+    /// Back to the base model.
+    pub fn detach(&mut self) {
+        for linear in self.linears_mut() {
+            linear.attach(None);
+        }
+        self.adapter_counts = None;
+    }
+
+    /// (trainable, all) parameters as PEFT's `print_trainable_parameters` counts them: the
+    /// base (frozen, int8 or float) plus the adapter's A and B.
+    pub fn parameter_counts(&self) -> (i64, i64) {
+        let (lora, trainable) = self.adapter_counts.unwrap_or((0, 0));
+        (trainable, self.parameter_count + lora)
     }
 
     /// Bytes the model's parameters occupy as loaded (int8 linears count 1 byte per weight

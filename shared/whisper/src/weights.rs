@@ -16,6 +16,10 @@ pub struct Weights {
     int8_threshold: Option<f64>,
     /// How the logits projection (tied to the token embedding) is held.
     output_projection: OutputProjection,
+    /// Elements of the tensors taken so far (the model's parameter count, as HF counts it).
+    taken_elements: i64,
+    /// Tensors not in the map are made uninitialised (building a model from its config alone).
+    uninitialised: bool,
 }
 
 /// How the decoder's logits projection, tied to the token embedding, is held. On the CPU it is
@@ -87,6 +91,8 @@ impl Weights {
             kind,
             int8_threshold: None,
             output_projection: OutputProjection::Tied,
+            taken_elements: 0,
+            uninitialised: false,
         }
     }
 
@@ -118,8 +124,21 @@ impl Weights {
         self.kind
     }
 
+    /// No stored tensors: every tensor the network takes is allocated uninitialised (to count
+    /// parameters or measure memory from an HF config alone).
+    pub fn uninitialised(device: Device, kind: Kind) -> Self {
+        Self {
+            uninitialised: true,
+            ..Self::from_map(BTreeMap::new(), device, kind)
+        }
+    }
+
     /// Removes and returns `name`, checking its shape, on the target device and kind.
     pub fn take(&mut self, name: &str, shape: &[i64]) -> anyhow::Result<Tensor> {
+        if self.uninitialised && !self.tensors.contains_key(name) {
+            self.taken_elements += shape.iter().product::<i64>();
+            return Ok(Tensor::empty(shape, (self.kind, self.device)));
+        }
         let tensor = self
             .tensors
             .remove(name)
@@ -130,12 +149,18 @@ impl Weights {
                 tensor.size()
             );
         }
+        self.taken_elements += tensor.numel() as i64;
         let tensor = if tensor.is_floating_point() {
             tensor.to_kind(self.kind)
         } else {
             tensor
         };
         Ok(tensor.to_device(self.device).detach())
+    }
+
+    /// Elements of every tensor taken so far.
+    pub fn taken_elements(&self) -> i64 {
+        self.taken_elements
     }
 
     /// Names never taken: weights the network does not use (reported, not fatal, for

@@ -1,0 +1,263 @@
+//! LoRA adapters against HF PEFT at test time, on a tiny random Whisper built by transformers:
+//! an adapter saved here loads in PEFT and gives the same logits as ours (fp32, within 1e-4),
+//! and an adapter made and saved by PEFT loads here and gives PEFT's logits.
+
+use std::path::Path;
+
+use asr_whisper::linear::Int8Weight;
+use asr_whisper::lora::{trainable_parameters_line, LoraBias, LoraConfig, TargetModules};
+use asr_whisper::{Adapter, Weights, Whisper, WhisperConfig};
+use e2e_support::{read_npy, run_reference};
+use tch::{Device, Kind, Tensor};
+
+const BOUND: f64 = 1e-4;
+
+fn tensor(path: &Path) -> Tensor {
+    let (shape, values) = read_npy(path);
+    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    Tensor::from_slice(&values).view(shape.as_slice())
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    model: Whisper,
+    tokens: Vec<i64>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        run_reference(
+            "tiny_whisper.py",
+            &[dir.path().to_str().expect("utf-8"), "80", "3", "4"],
+            None,
+        );
+        let model_dir = dir.path().join("model");
+        let config = WhisperConfig::from_file(&model_dir.join("config.json")).expect("config");
+        let weights = Weights::from_dir(&model_dir, Device::Cpu, Kind::Float).expect("weights");
+        let model = Whisper::load(weights, &config).expect("model");
+        let reference: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("tokens.json")).expect("tokens"),
+        )
+        .expect("json");
+        let tokens = reference["tokens"]
+            .as_array()
+            .expect("tokens")
+            .iter()
+            .map(|t| t.as_i64().expect("id"))
+            .collect();
+        Self { dir, model, tokens }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir
+            .path()
+            .join(name)
+            .to_str()
+            .expect("utf-8")
+            .to_string()
+    }
+
+    /// Our decoder logits for the first 3 inputs and the teacher-forced tokens.
+    fn our_logits(&self) -> Tensor {
+        tch::no_grad(|| {
+            let inputs = tensor(&self.dir.path().join("inputs.npy")).narrow(0, 0, 3);
+            let encoded = self.model.encoder.forward(&inputs);
+            let mut cache = self.model.decoder.new_cache(&encoded);
+            let tokens = Tensor::from_slice(&self.tokens).unsqueeze(0).repeat([3, 1]);
+            self.model.decoder.forward(&tokens, &mut cache)
+        })
+    }
+
+    /// PEFT's logits with the adapter in `adapter_dir`, and its trainable-parameter line.
+    fn peft_logits(&self, adapter_dir: &str, out: &str) -> (Tensor, String) {
+        std::fs::create_dir_all(out).expect("out dir");
+        let printed = run_reference(
+            "peft_lora.py",
+            &[
+                "apply",
+                &self.path("model"),
+                adapter_dir,
+                &self.path("inputs.npy"),
+                out,
+            ],
+            Some(&serde_json::to_string(&self.tokens).expect("json")),
+        );
+        (tensor(&Path::new(out).join("logits.npy")), printed)
+    }
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a - b).abs().max().double_value(&[])
+}
+
+#[test]
+fn our_adapter_loads_in_peft_with_the_same_logits() {
+    let mut f = Fixture::new();
+    let base = f.our_logits();
+    tch::manual_seed(3);
+    let config = LoraConfig {
+        r: 4,
+        alpha: 64.0,
+        target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into(), "fc1".into()]),
+        bias: LoraBias::LoraOnly,
+        ..Default::default()
+    };
+    let adapter = Adapter::init(config, &f.model.linear_sites(), Device::Cpu).expect("adapter");
+    // B starts at zero (the adapter is a no-op); give it and the biases values, as training would.
+    tch::no_grad(|| {
+        for w in adapter.layers.values() {
+            let _ = w.b.shallow_clone().copy_(&(w.b.randn_like() * 0.2));
+        }
+        for b in adapter.biases.values() {
+            let _ = b.shallow_clone().copy_(&(b.randn_like() * 0.2));
+        }
+    });
+    f.model.attach(&adapter);
+    let ours = f.our_logits();
+    assert!(
+        max_abs(&ours, &base) > 1e-2,
+        "the adapter must change the logits"
+    );
+    let adapter_dir = f.path("ours");
+    adapter
+        .save_peft(Path::new(&adapter_dir), "tiny-random-whisper")
+        .expect("save");
+    let (theirs, printed) = f.peft_logits(&adapter_dir, &f.path("peft-out"));
+    let err = max_abs(&ours, &theirs);
+    let (trainable, all) = f.model.parameter_counts();
+    println!(
+        "ours saved, PEFT loaded: logits max |diff| {err:.2e}\nours: {}\nPEFT: {}",
+        trainable_parameters_line(trainable, all),
+        printed.trim()
+    );
+    assert!(err <= BOUND, "logits differ by {err}");
+
+    // Detached, the base comes back exactly.
+    f.model.detach();
+    assert_eq!(max_abs(&f.our_logits(), &base), 0.0);
+}
+
+#[test]
+fn peft_adapter_loads_here_with_the_same_logits() {
+    let mut f = Fixture::new();
+    let adapter_dir = f.path("peft-made");
+    run_reference(
+        "peft_lora.py",
+        &["make", &f.path("model"), &adapter_dir],
+        Some(
+            r#"{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "out_proj"], "bias": "lora_only"}"#,
+        ),
+    );
+    let (theirs, _) = f.peft_logits(&adapter_dir, &f.path("peft-out"));
+    let adapter = Adapter::load_peft(
+        Path::new(&adapter_dir),
+        &f.model.linear_sites(),
+        Device::Cpu,
+    )
+    .expect("load PEFT adapter");
+    assert_eq!(adapter.config.r, 8);
+    assert_eq!(adapter.config.bias, LoraBias::LoraOnly);
+    f.model.attach(&adapter);
+    let err = max_abs(&f.our_logits(), &theirs);
+    println!("PEFT saved, ours loaded: logits max |diff| {err:.2e}");
+    assert!(err <= BOUND, "logits differ by {err}");
+}
+
+/// The base stays int8 and frozen, and gradients still reach the adapters below its layers.
+/// With every activation column treated as an outlier the int8 layers compute exactly
+/// `x @ dequantised(W)^T`, so the adapter's gradients must equal those over a float model
+/// holding the dequantised weights.
+#[test]
+fn adapters_below_int8_layers_get_exact_gradients() {
+    let f = Fixture::new();
+    let model_dir = f.dir.path().join("model");
+    let config = WhisperConfig::from_file(&model_dir.join("config.json")).expect("config");
+    let threshold = 1e-9;
+    let int8_model = Whisper::load(
+        Weights::from_dir(&model_dir, Device::Cpu, Kind::Float)
+            .expect("weights")
+            .with_int8_linears(threshold),
+        &config,
+    )
+    .expect("int8 model");
+    let is_linear = |name: &str| {
+        name.ends_with("_proj.weight") && name != "proj_out.weight"
+            || name.ends_with("fc1.weight")
+            || name.ends_with("fc2.weight")
+    };
+    let dequantised: std::collections::BTreeMap<String, Tensor> =
+        Tensor::read_safetensors(model_dir.join("model.safetensors"))
+            .expect("safetensors")
+            .into_iter()
+            .map(|(name, t)| {
+                let t = if is_linear(&name) {
+                    Int8Weight::quantize(&t, threshold).dequantize()
+                } else {
+                    t
+                };
+                (name, t)
+            })
+            .collect();
+    let float_model = Whisper::load(
+        Weights::from_map(dequantised, Device::Cpu, Kind::Float),
+        &config,
+    )
+    .expect("float model");
+    let (mut float_model, mut int8_model) = (float_model, int8_model);
+    tch::manual_seed(11);
+    let adapter = Adapter::init(
+        LoraConfig::default(),
+        &float_model.linear_sites(),
+        Device::Cpu,
+    )
+    .expect("adapter");
+    tch::no_grad(|| {
+        for w in adapter.layers.values() {
+            let _ = w.b.shallow_clone().copy_(&(w.b.randn_like() * 0.05));
+        }
+    });
+    let inputs = tensor(&f.dir.path().join("inputs.npy")).narrow(0, 0, 2);
+    let tokens = Tensor::from_slice(&f.tokens).unsqueeze(0).repeat([2, 1]);
+    let first = "model.encoder.layers.0.self_attn.q_proj";
+    let mut grads = Vec::new();
+    for model in [&mut float_model, &mut int8_model] {
+        model.attach(&adapter);
+        for t in adapter.trainable_tensors() {
+            let mut g = t.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let encoded = model.encoder.forward(&inputs);
+        let mut cache = model.decoder.new_cache(&encoded);
+        let length = tokens.size()[1] - 1;
+        let logits = model
+            .decoder
+            .forward(&tokens.narrow(1, 0, length), &mut cache);
+        let vocab = logits.size()[2];
+        let loss = logits
+            .view([-1, vocab])
+            .cross_entropy_for_logits(&tokens.narrow(1, 1, length).reshape([-1]));
+        loss.backward();
+        let w = &adapter.layers[first];
+        grads.push((w.a.grad().copy(), w.b.grad().copy()));
+    }
+    let relative = |a: &Tensor, b: &Tensor| {
+        (a - b).norm().double_value(&[]) / b.norm().double_value(&[]).max(f64::MIN_POSITIVE)
+    };
+    let (fa, fb) = &grads[0];
+    let (ia, ib) = &grads[1];
+    let (ea, eb) = (relative(ia, fa), relative(ib, fb));
+    println!(
+        "{first}: |grad A| {:.3e}, |grad B| {:.3e}; int8 base vs float base: relative difference {ea:.2e} (A), {eb:.2e} (B)",
+        fa.norm().double_value(&[]),
+        fb.norm().double_value(&[]),
+    );
+    assert!(
+        ia.norm().double_value(&[]) > 0.0,
+        "no gradient reached the first layer"
+    );
+    assert!(ea < 1e-3 && eb < 1e-3, "int8 gradients differ: {ea}, {eb}");
+}

@@ -1,0 +1,57 @@
+"""HF PEFT's LoRA on an HF Whisper, for adapter interoperability tests.
+
+usage:
+  peft_lora.py apply MODEL_DIR ADAPTER_DIR INPUTS.npy OUT_DIR < tokens.json
+      loads ADAPTER_DIR (ours or PEFT's) onto the model with PeftModel.from_pretrained and
+      writes OUT_DIR/logits.npy: decoder logits [3, T, vocab] for the first 3 inputs and the
+      teacher-forced tokens, and prints PEFT's trainable-parameter line.
+  peft_lora.py make MODEL_DIR ADAPTER_DIR < config.json
+      makes a PEFT LoRA adapter (LoraConfig from the JSON: r, lora_alpha, target_modules,
+      bias) with random non-zero A, B and biases (seed 5) and saves it with save_pretrained.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import WhisperForConditionalGeneration
+
+
+def apply(model_dir, adapter_dir, inputs_path, out_dir):
+    tokens = json.load(sys.stdin)
+    model = WhisperForConditionalGeneration.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    model.print_trainable_parameters()
+    inputs = torch.from_numpy(np.load(inputs_path))[:3]
+    with torch.no_grad():
+        logits = model(input_features=inputs, decoder_input_ids=torch.tensor([tokens] * len(inputs))).logits
+    np.save(os.path.join(out_dir, "logits.npy"), logits.float().numpy())
+
+
+def make(model_dir, adapter_dir):
+    spec = json.load(sys.stdin)
+    torch.manual_seed(5)
+    model = WhisperForConditionalGeneration.from_pretrained(model_dir, torch_dtype=torch.float32)
+    config = LoraConfig(r=spec["r"], lora_alpha=spec["lora_alpha"], target_modules=spec["target_modules"],
+                        lora_dropout=0.0, bias=spec.get("bias", "none"))
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name or (param.requires_grad and name.endswith(".bias")):
+                param.copy_(torch.randn_like(param) * 0.2)
+    model.save_pretrained(adapter_dir)
+
+
+def main():
+    if sys.argv[1] == "apply":
+        apply(*sys.argv[2:6])
+    elif sys.argv[1] == "make":
+        make(*sys.argv[2:4])
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
