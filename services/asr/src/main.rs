@@ -5,6 +5,7 @@ mod convert;
 mod features;
 mod features_remote;
 mod status;
+mod train;
 mod transcribe;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +35,8 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Convert a faster-whisper / CTranslate2 Whisper directory into an HF transformers one.
     Convert(convert::ConvertArgs),
+    /// LoRA fine-tuning (`--dry-run`: build the model and adapter, print the parameter count).
+    Train(train::TrainArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,5 +53,6 @@ fn main() -> anyhow::Result<()> {
         Command::Status(args) => status::run(args),
         Command::Bench(command) => bench::run(command),
         Command::Convert(args) => convert::run(args),
+        Command::Train(args) => train::run(args),
     }
 }

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use asr_audio::pipeline::extract_all;
 use asr_audio::{FeaturePipeline, InputFormat, MelConfig, PipelineConfig, WINDOW_SAMPLES};
-use asr_whisper::{DecodeOptions, FallbackOptions, LoadOptions, LoadedModel, Precision, Task};
+use asr_whisper::{
+    Adapter, DecodeOptions, FallbackOptions, LoadOptions, LoadedModel, Precision, Task,
+};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
@@ -61,6 +63,9 @@ pub struct TranscribeArgs {
     /// Long-form: do not prompt each window with the text of the previous ones.
     #[arg(long)]
     pub no_condition_on_previous_text: bool,
+    /// A LoRA adapter directory (PEFT's layout: ours or one PEFT saved).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
 }
@@ -125,7 +130,7 @@ pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
         PrecisionArg::Fp16 => Precision::Fp16,
         PrecisionArg::Bf16 => Precision::Bf16,
     };
-    let model = LoadedModel::load(
+    let mut model = LoadedModel::load(
         &args.model,
         LoadOptions {
             device,
@@ -134,6 +139,12 @@ pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
         },
     )
     .with_context(|| format!("loading {}", args.model.display()))?;
+    if let Some(dir) = &args.adapter {
+        let sites = model.model.linear_sites();
+        let adapter = Adapter::load_peft(dir, &sites, device)
+            .with_context(|| format!("loading the adapter {}", dir.display()))?;
+        model.model.attach(&adapter);
+    }
     let pipeline = FeaturePipeline::new(PipelineConfig {
         mel: MelConfig::new(model.n_mels() as u32)?,
         ..Default::default()

@@ -77,3 +77,41 @@ async fn features_locally_and_remotely_give_the_same_bytes() {
     }
     server.stop().await;
 }
+
+/// `asr train --dry-run` builds whisper-large-v2 from its config alone and prints PEFT's
+/// trainable-parameter line for the recipe's adapter.
+#[test]
+fn train_dry_run_prints_pefts_count_for_large_v2() {
+    let config =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/configs/whisper-large-v2.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_asr"))
+        .args(["train", "--dry-run", "--model-config"])
+        .arg(&config)
+        .output()
+        .expect("running asr train");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "asr train failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "trainable params: 1,966,080 || all params: 1,545,271,040 || trainable%: 0.1272"
+        ),
+        "unexpected output: {stdout}"
+    );
+    let bad = Command::new(env!("CARGO_BIN_EXE_asr"))
+        .args([
+            "train",
+            "--dry-run",
+            "--target-modules",
+            "nothing_here",
+            "--model-config",
+        ])
+        .arg(&config)
+        .output()
+        .expect("running asr train");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("match no linear layer"));
+}

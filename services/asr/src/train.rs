@@ -1,0 +1,99 @@
+//! `asr train`: LoRA fine-tuning. For now `--dry-run`: build the model from an HF config
+//! alone (uninitialised weights), attach the LoRA adapter the flags describe and print PEFT's
+//! trainable-parameter line. The trainer itself comes with issue 4.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use asr_whisper::lora::{trainable_parameters_line, LoraBias, LoraConfig, TargetModules};
+use asr_whisper::{Adapter, Weights, Whisper, WhisperConfig};
+use clap::{Args, ValueEnum};
+use tch::{Device, Kind};
+
+/// LoRA flags, named as the recipe's notebook names them.
+#[derive(Args, Clone)]
+pub struct LoraArgs {
+    #[arg(long, default_value_t = 4)]
+    pub lora_r: i64,
+    #[arg(long, default_value_t = 64.0)]
+    pub lora_alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f64,
+    /// Module names (comma-separated, matched as PEFT matches a list) or, with
+    /// --target-regex, one regex over whole module names.
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    pub target_modules: Vec<String>,
+    #[arg(long)]
+    pub target_regex: Option<String>,
+    #[arg(long, value_enum, default_value_t = BiasArg::None)]
+    pub lora_bias: BiasArg,
+    /// Scale by alpha / sqrt(r) (rsLoRA).
+    #[arg(long)]
+    pub use_rslora: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum BiasArg {
+    None,
+    LoraOnly,
+}
+
+impl LoraArgs {
+    pub fn config(&self) -> LoraConfig {
+        LoraConfig {
+            r: self.lora_r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            target_modules: match &self.target_regex {
+                Some(pattern) => TargetModules::Regex(pattern.clone()),
+                None => TargetModules::Names(self.target_modules.clone()),
+            },
+            bias: match self.lora_bias {
+                BiasArg::None => LoraBias::None,
+                BiasArg::LoraOnly => LoraBias::LoraOnly,
+            },
+            use_rslora: self.use_rslora,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Build the model and adapter, print the trainable-parameter line, and exit.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// HF config.json of the architecture (with --dry-run; no weights needed).
+    #[arg(long)]
+    pub model_config: Option<PathBuf>,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    if !args.dry_run {
+        bail!("only `asr train --dry-run` is available in this version: the trainer is being built (issue 4)");
+    }
+    let path = args
+        .model_config
+        .context("--dry-run needs --model-config CONFIG.json")?;
+    let config = WhisperConfig::from_file(&path)?;
+    // Uninitialised f32 tensors: allocated lazily by the OS, so even large-v2 costs little.
+    let weights = Weights::uninitialised(Device::Cpu, Kind::Float);
+    let mut model = Whisper::load(weights, &config)
+        .with_context(|| format!("building the model of {}", path.display()))?;
+    let adapter = Adapter::init(args.lora.config(), &model.linear_sites(), Device::Cpu)?;
+    model.attach(&adapter);
+    let (trainable, all) = model.parameter_counts();
+    println!(
+        "{} adapted layers ({} r={} alpha={})",
+        adapter.layers.len(),
+        match &adapter.config.target_modules {
+            TargetModules::Names(names) => names.join(","),
+            TargetModules::Regex(pattern) => format!("regex {pattern}"),
+        },
+        adapter.config.r,
+        adapter.config.alpha
+    );
+    println!("{}", trainable_parameters_line(trainable, all));
+    Ok(())
+}
