@@ -261,3 +261,56 @@ fn adapters_below_int8_layers_get_exact_gradients() {
     );
     assert!(ea < 1e-3 && eb < 1e-3, "int8 gradients differ: {ea}, {eb}");
 }
+
+/// `asr adapters merge`'s core: an adapter folded into the float weights gives the logits of
+/// the base with the adapter attached. (Loaded in int8, a merged model is quantised like any
+/// other; this random model's huge activations make int8 comparisons on it meaningless.)
+#[test]
+fn merged_adapter_gives_the_attached_logits() {
+    let mut f = Fixture::new();
+    tch::manual_seed(4);
+    let config = LoraConfig {
+        bias: LoraBias::LoraOnly,
+        ..Default::default()
+    };
+    let adapter = Adapter::init(config, &f.model.linear_sites(), Device::Cpu).expect("adapter");
+    tch::no_grad(|| {
+        for w in adapter.layers.values() {
+            let _ = w.b.shallow_clone().copy_(&(w.b.randn_like() * 0.05));
+        }
+        for b in adapter.biases.values() {
+            let _ = b.shallow_clone().copy_(&(b.randn_like() * 0.05));
+        }
+    });
+    f.model.attach(&adapter);
+    let attached = f.our_logits();
+    let model_dir = f.dir.path().join("model");
+    let mut tensors = asr_whisper::weights::read_model_tensors(&model_dir).expect("model tensors");
+    adapter.merge_into(&mut tensors).expect("merge");
+    let config = WhisperConfig::from_file(&model_dir.join("config.json")).expect("config");
+    let merged = Whisper::load(
+        Weights::from_map(tensors, Device::Cpu, Kind::Float),
+        &config,
+    )
+    .expect("merged model");
+    let merged_logits = {
+        let g = Fixture {
+            dir: tempfile::tempdir().expect("tempdir"),
+            model: merged,
+            tokens: f.tokens.clone(),
+        };
+        std::fs::copy(
+            f.dir.path().join("inputs.npy"),
+            g.dir.path().join("inputs.npy"),
+        )
+        .expect("inputs");
+        g.our_logits()
+    };
+    let scale = attached.abs().max().double_value(&[]);
+    let err = max_abs(&merged_logits, &attached);
+    println!("merged vs attached (fp32): logits max |diff| {err:.2e} (scale {scale:.1})");
+    assert!(
+        err <= BOUND * scale.max(1.0),
+        "merged logits differ by {err}"
+    );
+}

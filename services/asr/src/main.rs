@@ -1,5 +1,6 @@
 //! `asr`: the controller CLI.
 
+mod adapters;
 mod bench;
 mod convert;
 mod features;
@@ -35,6 +36,9 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Convert a faster-whisper / CTranslate2 Whisper directory into an HF transformers one.
     Convert(convert::ConvertArgs),
+    /// LoRA adapters: merge one into a model's weights.
+    #[command(subcommand)]
+    Adapters(adapters::AdaptersCommand),
     /// LoRA fine-tuning (`--dry-run`: build the model and adapter, print the parameter count).
     Train(train::TrainArgs),
 }
@@ -54,5 +58,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(command) => bench::run(command),
         Command::Convert(args) => convert::run(args),
         Command::Train(args) => train::run(args),
+        Command::Adapters(command) => adapters::run(command),
     }
 }

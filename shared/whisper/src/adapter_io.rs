@@ -234,3 +234,39 @@ mod tests {
         );
     }
 }
+
+impl Adapter {
+    /// Folds the adapter into float weights named as HF names them: `W += B A * scaling` for
+    /// every adapted layer, and trainable biases replace the base ones. The result is a plain
+    /// model (PEFT's `merge_and_unload`), which int8 loading then quantises like any other.
+    pub fn merge_into(&self, tensors: &mut BTreeMap<String, Tensor>) -> anyhow::Result<()> {
+        let scaling = self.config.scaling();
+        tch::no_grad(|| {
+            for (module, w) in &self.layers {
+                let name = format!("{module}.weight");
+                let weight = tensors
+                    .get_mut(&name)
+                    .with_context(|| format!("the model has no {name} to merge into"))?;
+                let delta =
+                    w.b.to_device(Device::Cpu)
+                        .matmul(&w.a.to_device(Device::Cpu))
+                        * scaling;
+                anyhow::ensure!(
+                    delta.size() == weight.size(),
+                    "{name} has shape {:?}, the adapter's update {:?}",
+                    weight.size(),
+                    delta.size()
+                );
+                let kind = weight.kind();
+                *weight = (weight.to_kind(Kind::Float) + delta).to_kind(kind);
+            }
+            for (name, bias) in &self.biases {
+                let base = tensors
+                    .get_mut(name)
+                    .with_context(|| format!("the model has no {name} to replace"))?;
+                *base = bias.detach().to_device(Device::Cpu).to_kind(base.kind());
+            }
+            Ok(())
+        })
+    }
+}

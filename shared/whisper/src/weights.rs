@@ -52,36 +52,7 @@ impl OutputProjection {
 impl Weights {
     /// Reads `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
     pub fn from_dir(dir: &Path, device: Device, kind: Kind) -> anyhow::Result<Self> {
-        let single = dir.join("model.safetensors");
-        let files = if single.exists() {
-            vec![single]
-        } else {
-            let index_path = dir.join("model.safetensors.index.json");
-            let index: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(&index_path).with_context(|| {
-                    format!(
-                        "{} has neither model.safetensors nor its index",
-                        dir.display()
-                    )
-                })?,
-            )?;
-            let mut shards: Vec<String> = index["weight_map"]
-                .as_object()
-                .context("index without weight_map")?
-                .values()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect();
-            shards.sort();
-            shards.dedup();
-            shards.into_iter().map(|s| dir.join(s)).collect()
-        };
-        let mut tensors = BTreeMap::new();
-        for file in files {
-            let named = Tensor::read_safetensors(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            tensors.extend(named);
-        }
-        Ok(Self::from_map(tensors, device, kind))
+        Ok(Self::from_map(read_model_tensors(dir)?, device, kind))
     }
 
     pub fn from_map(tensors: BTreeMap<String, Tensor>, device: Device, kind: Kind) -> Self {
@@ -168,4 +139,37 @@ impl Weights {
     pub fn remaining(&self) -> Vec<String> {
         self.tensors.keys().cloned().collect()
     }
+}
+
+/// Every tensor of an HF model directory (`model.safetensors` or its shards), as stored.
+pub fn read_model_tensors(dir: &Path) -> anyhow::Result<BTreeMap<String, Tensor>> {
+    let single = dir.join("model.safetensors");
+    let files = if single.exists() {
+        vec![single]
+    } else {
+        let index_path = dir.join("model.safetensors.index.json");
+        let index: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&index_path).with_context(|| {
+                format!(
+                    "{} has neither model.safetensors nor its index",
+                    dir.display()
+                )
+            })?)?;
+        let mut shards: Vec<String> = index["weight_map"]
+            .as_object()
+            .context("index without weight_map")?
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        shards.sort();
+        shards.dedup();
+        shards.into_iter().map(|s| dir.join(s)).collect()
+    };
+    let mut tensors = BTreeMap::new();
+    for file in files {
+        let named = Tensor::read_safetensors(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        tensors.extend(named);
+    }
+    Ok(tensors)
 }
