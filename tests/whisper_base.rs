@@ -1,47 +1,14 @@
 //! whisper-base (converted from the setup's CTranslate2 directory) against HF transformers on
 //! the espeak-ng Mandarin test clips: greedy text, CER, and int8 against fp32.
 
-use std::path::PathBuf;
-
 use asr_audio::InputFormat;
 use asr_whisper::metrics::cer;
-use asr_whisper::{DecodeOptions, LoadOptions, LoadedModel, Precision};
+use asr_whisper::{DecodeOptions, LoadedModel, Precision};
+use e2e_support::whisper_base::{first_windows, load, model_dir, test_clips};
 use e2e_support::{assets, our_windows, run_reference};
-use tch::Device;
 
 const CLIPS: usize = 100;
 const BATCH: usize = 8;
-
-struct Clip {
-    path: PathBuf,
-    text: String,
-}
-
-fn test_clips(count: usize) -> Vec<Clip> {
-    let dir = assets().join("corpus/espeak");
-    std::fs::read_to_string(dir.join("test.jsonl"))
-        .expect("manifest")
-        .lines()
-        .take(count)
-        .map(|line| {
-            let entry: serde_json::Value = serde_json::from_str(line).expect("json");
-            Clip {
-                path: dir.join(entry["audio"].as_str().expect("audio")),
-                text: entry["text"].as_str().expect("text").to_string(),
-            }
-        })
-        .collect()
-}
-
-fn model_dir() -> PathBuf {
-    let dir = assets().join("whisper-base");
-    assert!(
-        dir.join("model.safetensors").exists(),
-        "{} is missing: scripts/test.sh converts it",
-        dir.display()
-    );
-    dir
-}
 
 fn transcribe(model: &LoadedModel, windows: &[Vec<f32>]) -> Vec<String> {
     // As HF generate runs by default: temperature 0, no fallback.
@@ -59,34 +26,6 @@ fn transcribe(model: &LoadedModel, windows: &[Vec<f32>]) -> Vec<String> {
         })
         .map(|w| w.text.trim().to_string())
         .collect()
-}
-
-/// The first (only) normalised window of each clip.
-fn first_windows(clips: &[Clip]) -> Vec<Vec<f32>> {
-    clips
-        .iter()
-        .map(|clip| {
-            our_windows(
-                std::fs::read(&clip.path).expect("clip"),
-                InputFormat::Encoded,
-                80,
-            )
-            .0
-            .remove(0)
-        })
-        .collect()
-}
-
-fn load(precision: Precision) -> LoadedModel {
-    LoadedModel::load(
-        &model_dir(),
-        LoadOptions {
-            device: Device::Cpu,
-            precision,
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("loading whisper-base ({precision:?}): {e:#}"))
 }
 
 #[test]

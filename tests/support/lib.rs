@@ -12,6 +12,8 @@ use asr_audio::{Container, FeaturePipeline, InputFormat, MelConfig, PipelineConf
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod whisper_base;
+
 /// The repository root: `ASR_REPO_ROOT` when set (a test binary run on another machine, from
 /// a copy of the repository elsewhere), else the checkout the tests were compiled in.
 pub fn repo_root() -> PathBuf {

@@ -3,6 +3,7 @@
 //! - [`config`]: the HF `config.json` of every Whisper size;
 //! - [`weights`]: named tensors of an HF safetensors directory;
 //! - [`linear`], [`model`]: the network (HF names and layout), no I/O;
+//! - [`labels`]: training labels and decoder inputs as the recipe's collator makes them;
 //! - [`lora`], [`adapter_io`]: LoRA adapters with PEFT's semantics and file layout;
 //! - [`generation`]: generation_config.json (prompt tokens, suppression);
 //! - [`greedy`], [`beam`]: greedy decoding (and sampling) and openai-style beam search;
@@ -20,6 +21,7 @@ pub mod ct2;
 pub mod fallback;
 pub mod generation;
 pub mod greedy;
+pub mod labels;
 pub mod linear;
 pub mod longform;
 pub mod lora;
