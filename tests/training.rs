@@ -6,6 +6,7 @@ use asr_whisper::labels::{collate_labels, label_loss, label_tokens};
 use asr_whisper::{Precision, Task};
 use e2e_support::run_reference;
 use e2e_support::whisper_base::{first_windows, load, model_dir, test_clips};
+use tch::Tensor;
 
 #[test]
 fn labels_and_loss_match_the_recipes_collator() {
@@ -59,4 +60,86 @@ fn labels_and_loss_match_the_recipes_collator() {
     let theirs = hf["loss"].as_f64().expect("loss");
     println!("labels and decoder inputs identical to HF's on {} rows; loss ours {loss:.6}, HF {theirs:.6}", texts.len());
     assert!((loss - theirs).abs() <= 1e-4, "loss {loss} vs HF {theirs}");
+}
+
+/// AdamW, the linear schedule with warmup and global-norm clipping against torch's and HF's
+/// over 12 steps of random gradients (some clipped).
+#[test]
+fn optimiser_matches_torch_adamw_with_hf_schedule() {
+    use asr_whisper::optim::{clip_grad_norm, AdamW, AdamWConfig, LinearSchedule};
+    tch::manual_seed(8);
+    let shapes = [[3i64, 4], [1, 5]];
+    let init: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| Tensor::randn(*s, (tch::Kind::Float, tch::Device::Cpu)))
+        .collect();
+    let steps = 12;
+    let grads: Vec<Vec<Tensor>> = (0..steps)
+        .map(|i| {
+            shapes
+                .iter()
+                .map(|s| {
+                    Tensor::randn(*s, (tch::Kind::Float, tch::Device::Cpu)) * (1.0 + i as f64 * 0.3)
+                })
+                .collect()
+        })
+        .collect();
+    let as_rows = |t: &Tensor| Vec::<Vec<f32>>::try_from(t).expect("rows");
+    let job = serde_json::json!({
+        "params": init.iter().map(as_rows).collect::<Vec<_>>(),
+        "grads": grads.iter().map(|g| g.iter().map(as_rows).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        "lr": 1e-2, "warmup": 3, "total": steps, "max_grad_norm": 1.0, "weight_decay": 0.01,
+    });
+    let torch_out: serde_json::Value = serde_json::from_str(&run_reference(
+        "adamw_reference.py",
+        &[],
+        Some(&job.to_string()),
+    ))
+    .expect("json");
+
+    let params: Vec<Tensor> = init
+        .iter()
+        .map(|t| t.copy().set_requires_grad(true))
+        .collect();
+    let config = AdamWConfig {
+        lr: 1e-2,
+        weight_decay: 0.01,
+        ..Default::default()
+    };
+    let schedule = LinearSchedule {
+        base_lr: 1e-2,
+        warmup: 3,
+        total: steps,
+    };
+    let mut opt = AdamW::new(params.iter().map(Tensor::shallow_clone).collect(), config);
+    for (step, step_grads) in grads.iter().enumerate() {
+        for (p, g) in params.iter().zip(step_grads) {
+            (p * g).sum(tch::Kind::Float).backward();
+        }
+        let norm = clip_grad_norm(&params, 1.0);
+        let lr = schedule.lr(step as i64);
+        let theirs_lr = torch_out["lrs"][step].as_f64().expect("lr");
+        let theirs_norm = torch_out["norms"][step].as_f64().expect("norm");
+        assert!(
+            (lr - theirs_lr).abs() < 1e-12,
+            "step {step}: lr {lr} vs {theirs_lr}"
+        );
+        assert!(
+            (norm - theirs_norm).abs() < 1e-4 * theirs_norm,
+            "step {step}: norm {norm} vs {theirs_norm}"
+        );
+        opt.step(lr);
+        opt.zero_grad();
+    }
+    let mut worst = 0f64;
+    for (i, p) in params.iter().enumerate() {
+        let theirs: Vec<Vec<f32>> =
+            serde_json::from_value(torch_out["params"][i].clone()).expect("params");
+        let theirs = Tensor::from_slice(&theirs.concat()).view(p.size().as_slice());
+        worst = worst.max((p.detach() - theirs).abs().max().double_value(&[]));
+    }
+    println!(
+        "AdamW + schedule + clipping: parameters after {steps} steps within {worst:.2e} of torch's"
+    );
+    assert!(worst < 1e-5, "parameters differ by {worst}");
 }

@@ -4,6 +4,7 @@
 //! - [`weights`]: named tensors of an HF safetensors directory;
 //! - [`linear`], [`model`]: the network (HF names and layout), no I/O;
 //! - [`labels`]: training labels and decoder inputs as the recipe's collator makes them;
+//! - [`optim`]: AdamW, the linear schedule and gradient clipping, as the HF Trainer uses them;
 //! - [`lora`], [`adapter_io`]: LoRA adapters with PEFT's semantics and file layout;
 //! - [`generation`]: generation_config.json (prompt tokens, suppression);
 //! - [`greedy`], [`beam`]: greedy decoding (and sampling) and openai-style beam search;
@@ -27,6 +28,7 @@ pub mod longform;
 pub mod lora;
 pub mod metrics;
 pub mod model;
+pub mod optim;
 pub mod timestamps;
 pub mod tokenizer;
 pub mod transcriber;
