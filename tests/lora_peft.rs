@@ -87,6 +87,21 @@ impl Fixture {
     }
 }
 
+/// B starts at zero (a fresh adapter is a no-op): give B and the trainable biases random
+/// values of standard deviation `scale`, as training would move them.
+fn randomise(adapter: &Adapter, scale: f64) {
+    tch::no_grad(|| {
+        for t in adapter
+            .layers
+            .values()
+            .map(|w| &w.b)
+            .chain(adapter.biases.values())
+        {
+            let _ = t.shallow_clone().copy_(&(t.randn_like() * scale));
+        }
+    });
+}
+
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size());
     (a - b).abs().max().double_value(&[])
@@ -105,15 +120,7 @@ fn our_adapter_loads_in_peft_with_the_same_logits() {
         ..Default::default()
     };
     let adapter = Adapter::init(config, &f.model.linear_sites(), Device::Cpu).expect("adapter");
-    // B starts at zero (the adapter is a no-op); give it and the biases values, as training would.
-    tch::no_grad(|| {
-        for w in adapter.layers.values() {
-            let _ = w.b.shallow_clone().copy_(&(w.b.randn_like() * 0.2));
-        }
-        for b in adapter.biases.values() {
-            let _ = b.shallow_clone().copy_(&(b.randn_like() * 0.2));
-        }
-    });
+    randomise(&adapter, 0.2);
     f.model.attach(&adapter);
     let ours = f.our_logits();
     assert!(
@@ -213,11 +220,7 @@ fn adapters_below_int8_layers_get_exact_gradients() {
         Device::Cpu,
     )
     .expect("adapter");
-    tch::no_grad(|| {
-        for w in adapter.layers.values() {
-            let _ = w.b.shallow_clone().copy_(&(w.b.randn_like() * 0.05));
-        }
-    });
+    randomise(&adapter, 0.05);
     let inputs = tensor(&f.dir.path().join("inputs.npy")).narrow(0, 0, 2);
     let tokens = Tensor::from_slice(&f.tokens).unsqueeze(0).repeat([2, 1]);
     let first = "model.encoder.layers.0.self_attn.q_proj";
@@ -274,14 +277,7 @@ fn merged_adapter_gives_the_attached_logits() {
         ..Default::default()
     };
     let adapter = Adapter::init(config, &f.model.linear_sites(), Device::Cpu).expect("adapter");
-    tch::no_grad(|| {
-        for w in adapter.layers.values() {
-            let _ = w.b.shallow_clone().copy_(&(w.b.randn_like() * 0.05));
-        }
-        for b in adapter.biases.values() {
-            let _ = b.shallow_clone().copy_(&(b.randn_like() * 0.05));
-        }
-    });
+    randomise(&adapter, 0.05);
     f.model.attach(&adapter);
     let attached = f.our_logits();
     let model_dir = f.dir.path().join("model");

@@ -3,10 +3,17 @@
 //! speech seq2seq collator, `shift_tokens_right`, the model's cross-entropy).
 
 use asr_whisper::labels::{collate_labels, label_loss, label_tokens};
-use asr_whisper::{Precision, Task};
+use asr_whisper::{LoadedModel, Precision, Task};
 use e2e_support::run_reference;
-use e2e_support::whisper_base::{first_windows, load, model_dir, test_clips};
+use e2e_support::whisper_base::{first_windows, load, model_dir, test_clips, write_windows_npy};
 use tch::Tensor;
+
+/// Decoder logits for `decoder_input_ids` on the encoded `mel` (gradients flow when enabled).
+fn teacher_forced(model: &LoadedModel, mel: &Tensor, decoder_input_ids: &Tensor) -> Tensor {
+    let encoded = model.model.encoder.forward(mel);
+    let mut cache = model.model.decoder.new_cache(&encoded);
+    model.model.decoder.forward(decoder_input_ids, &mut cache)
+}
 
 #[test]
 fn labels_and_loss_match_the_recipes_collator() {
@@ -17,12 +24,7 @@ fn labels_and_loss_match_the_recipes_collator() {
     let windows = first_windows(&clips);
     let dir = tempfile::tempdir().expect("tempdir");
     let features = dir.path().join("features.npy");
-    asr_audio::npy::write_f32(
-        std::fs::File::create(&features).expect("npy"),
-        &[windows.len(), 80, 3000],
-        &windows.concat(),
-    )
-    .expect("write");
+    write_windows_npy(&features, &windows);
     let job = serde_json::json!({"model": model_dir(), "texts": texts, "features": features});
     let hf: serde_json::Value =
         serde_json::from_str(&run_reference("hf_labels.py", &[], Some(&job.to_string())))
@@ -48,13 +50,7 @@ fn labels_and_loss_match_the_recipes_collator() {
     );
 
     let loss = tch::no_grad(|| {
-        let mel = model.batch(&windows);
-        let encoded = model.model.encoder.forward(&mel);
-        let mut cache = model.model.decoder.new_cache(&encoded);
-        let logits = model
-            .model
-            .decoder
-            .forward(&batch.decoder_input_ids, &mut cache);
+        let logits = teacher_forced(&model, &model.batch(&windows), &batch.decoder_input_ids);
         label_loss(&logits, &batch.labels).double_value(&[])
     });
     let theirs = hf["loss"].as_f64().expect("loss");
@@ -178,12 +174,7 @@ fn recipe_lora_on_the_int8_base_fits_a_few_clips() {
     );
     let mut losses = Vec::new();
     for _ in 0..5 {
-        let encoded = model.model.encoder.forward(&mel);
-        let mut cache = model.model.decoder.new_cache(&encoded);
-        let logits = model
-            .model
-            .decoder
-            .forward(&batch.decoder_input_ids, &mut cache);
+        let logits = teacher_forced(&model, &mel, &batch.decoder_input_ids);
         let loss = label_loss(&logits, &batch.labels);
         loss.backward();
         clip_grad_norm(&params, 1.0);

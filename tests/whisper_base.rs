@@ -4,7 +4,7 @@
 use asr_audio::InputFormat;
 use asr_whisper::metrics::cer;
 use asr_whisper::{DecodeOptions, LoadedModel, Precision};
-use e2e_support::whisper_base::{first_windows, load, model_dir, test_clips};
+use e2e_support::whisper_base::{first_windows, load, model_dir, test_clips, write_windows_npy};
 use e2e_support::{assets, our_windows, run_reference};
 
 const CLIPS: usize = 100;
@@ -131,12 +131,7 @@ fn ours_vs_ctranslate2(case: Ct2Case) {
     let windows = first_windows(&clips);
     let dir = tempfile::tempdir().expect("tempdir");
     let features = dir.path().join("features.npy");
-    asr_audio::npy::write_f32(
-        std::fs::File::create(&features).expect("npy"),
-        &[windows.len(), 80, 3000],
-        &windows.concat(),
-    )
-    .expect("write");
+    write_windows_npy(&features, &windows);
     let model = load(Precision::Fp32);
     let options = DecodeOptions {
         language: Some("zh".into()),

@@ -57,6 +57,16 @@ pub fn first_windows(clips: &[Clip]) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// Writes normalised windows as a float32 .npy `[N, 80, 3000]` (for the Python references).
+pub fn write_windows_npy(path: &std::path::Path, windows: &[Vec<f32>]) {
+    asr_audio::npy::write_f32(
+        std::fs::File::create(path).expect("npy"),
+        &[windows.len(), 80, 3000],
+        &windows.concat(),
+    )
+    .expect("write");
+}
+
 pub fn load(precision: Precision) -> LoadedModel {
     LoadedModel::load(
         &model_dir(),
