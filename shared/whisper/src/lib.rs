@@ -4,6 +4,7 @@
 //! - [`weights`]: named tensors of an HF safetensors directory;
 //! - [`linear`], [`model`]: the network (HF names and layout), no I/O;
 //! - [`labels`]: training labels and decoder inputs as the recipe's collator makes them;
+//! - [`trainer`]: the recipe's training loop with checkpoints and exact resumption;
 //! - [`optim`]: AdamW, the linear schedule and gradient clipping, as the HF Trainer uses them;
 //! - [`lora`], [`adapter_io`]: LoRA adapters with PEFT's semantics and file layout;
 //! - [`generation`]: generation_config.json (prompt tokens, suppression);
@@ -31,6 +32,7 @@ pub mod model;
 pub mod optim;
 pub mod timestamps;
 pub mod tokenizer;
+pub mod trainer;
 pub mod transcriber;
 pub mod weights;
 

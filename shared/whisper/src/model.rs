@@ -213,6 +213,16 @@ impl Encoder {
         Tensor::cat(&parts, 0)
     }
 
+    /// Where the network's weights live.
+    pub fn device(&self) -> tch::Device {
+        self.conv1_weight.device()
+    }
+
+    /// The float kind the network computes in (inputs are cast to it).
+    pub fn kind(&self) -> Kind {
+        self.conv1_weight.kind()
+    }
+
     /// `[B, n_mels, 3000]` normalised log-mel windows -> `[B, 1500, d_model]`.
     pub fn forward(&self, mel: &Tensor) -> Tensor {
         let xs = mel
