@@ -371,12 +371,19 @@ fn resumed_training_equals_uninterrupted_training() {
     let (mut model, adapter) = fresh();
     let mut straight =
         Trainer::new(&mut model, adapter, train_config.clone(), ids, 8).expect("trainer");
+    let eval_before = straight.evaluate(&examples).expect("eval");
     straight.train_epoch(&examples, |_| {}).expect("epoch 1");
     straight
         .save_checkpoint(&checkpoint, "tiny-random-whisper")
         .expect("checkpoint");
     straight.train_epoch(&examples, |_| {}).expect("epoch 2");
     assert!(!straight.train_epoch(&examples, |_| {}).expect("done"));
+    let eval_after = straight.evaluate(&examples).expect("eval");
+    println!("eval loss {eval_before:.4} before training, {eval_after:.4} after");
+    assert!(
+        eval_after < eval_before,
+        "training did not lower the eval loss"
+    );
     let straight_log = straight.state.log.clone();
     let straight_final = straight.adapter().trainable_tensors();
 

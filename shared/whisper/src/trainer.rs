@@ -197,6 +197,26 @@ impl<'a> Trainer<'a> {
         Ok(true)
     }
 
+    /// Mean label loss over `examples` in batches of `batch_size`, dropout off (the
+    /// per-epoch eval loss).
+    pub fn evaluate(&mut self, examples: &[Example]) -> anyhow::Result<f64> {
+        anyhow::ensure!(!examples.is_empty(), "the evaluation set is empty");
+        self.adapter.set_training(false);
+        let device = self.model.encoder.device();
+        let order: Vec<usize> = (0..examples.len()).collect();
+        let result = tch::no_grad(|| -> anyhow::Result<f64> {
+            let (mut sum, mut rows) = (0.0, 0usize);
+            for batch in order.chunks(self.config.batch_size) {
+                let loss = self.micro_batch_loss(examples, batch, device)?;
+                sum += loss.double_value(&[]) * batch.len() as f64;
+                rows += batch.len();
+            }
+            Ok(sum / rows as f64)
+        });
+        self.adapter.set_training(true);
+        result
+    }
+
     fn micro_batch_loss(
         &mut self,
         examples: &[Example],
