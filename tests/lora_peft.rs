@@ -420,3 +420,95 @@ fn resumed_training_equals_uninterrupted_training() {
     println!("resumed vs straight: final adapter max |diff| {worst:.2e}");
     assert!(worst <= 1e-6, "final adapters differ by {worst}");
 }
+
+/// `fit`: an eval loss and a checkpoint per epoch, older checkpoints pruned to the limit
+/// (never the best), and the best epoch's adapter loaded and written to `<output>/adapter`.
+#[test]
+fn fit_keeps_the_best_checkpoint_and_ends_on_it() {
+    use asr_whisper::trainer::{
+        checkpoint_dir, Example, FitOptions, LabelIds, TrainConfig, Trainer,
+    };
+    let f = Fixture::new_with_inputs(4);
+    let inputs = tensor(&f.dir.path().join("inputs.npy"));
+    let examples: Vec<Example> = (0..4)
+        .map(|i| Example {
+            window: Vec::<f32>::try_from(&inputs.get(i).reshape([-1])).expect("window"),
+            labels: f.tokens.iter().copied().chain([50257]).collect(),
+        })
+        .collect();
+    let mut model = f.model;
+    tch::manual_seed(5);
+    let adapter =
+        Adapter::init(LoraConfig::default(), &model.linear_sites(), Device::Cpu).expect("adapter");
+    let config = TrainConfig {
+        epochs: 3,
+        batch_size: 2,
+        grad_accum: 1,
+        ..Default::default()
+    };
+    let ids = LabelIds {
+        decoder_start: 50258,
+        pad: 50257,
+    };
+    let mut trainer = Trainer::new(&mut model, adapter, config, ids, 4).expect("trainer");
+    let output = f.dir.path().join("run");
+    let options = FitOptions {
+        save_total_limit: Some(1),
+        base_model: "tiny-random-whisper".into(),
+    };
+    let summary = trainer
+        .fit(
+            &examples,
+            &examples,
+            &output,
+            &options,
+            |_| {},
+            |e| {
+                println!(
+                    "epoch {}: step {}, train loss {:.4}, eval loss {:.4}",
+                    e.epoch, e.steps, e.train_loss, e.eval_loss
+                )
+            },
+        )
+        .expect("fit");
+    assert_eq!(summary.epochs.len(), 3);
+    let best = summary.best_epoch;
+    let lowest = summary
+        .epochs
+        .iter()
+        .map(|e| e.eval_loss)
+        .fold(f64::INFINITY, f64::min);
+    assert_eq!(summary.epochs[best - 1].eval_loss, lowest);
+    for epoch in 1..=3 {
+        let kept = checkpoint_dir(&output, epoch).exists();
+        assert_eq!(
+            kept,
+            epoch == best || epoch == 3,
+            "checkpoint of epoch {epoch}"
+        );
+    }
+    let sites = trainer_sites(&f.dir.path().join("model"));
+    let written = Adapter::load_peft(&output.join("adapter"), &sites, Device::Cpu).expect("best");
+    let from_checkpoint =
+        Adapter::load_peft(&checkpoint_dir(&output, best), &sites, Device::Cpu).expect("ckpt");
+    let in_model = trainer.adapter().trainable_tensors();
+    for ((a, b), c) in written
+        .trainable_tensors()
+        .iter()
+        .zip(from_checkpoint.trainable_tensors())
+        .zip(in_model)
+    {
+        assert_eq!(max_abs(a, &b), 0.0);
+        assert_eq!(max_abs(a, &c.detach()), 0.0);
+    }
+}
+
+fn trainer_sites(model_dir: &Path) -> Vec<asr_whisper::lora::LinearSite> {
+    let config = WhisperConfig::from_file(&model_dir.join("config.json")).expect("config");
+    let mut model = Whisper::load(
+        Weights::from_dir(model_dir, Device::Cpu, Kind::Float).expect("weights"),
+        &config,
+    )
+    .expect("model");
+    model.linear_sites()
+}

@@ -286,6 +286,137 @@ impl<'a> Trainer<'a> {
     }
 }
 
+/// What [`Trainer::fit`] keeps on disk.
+#[derive(Debug, Clone)]
+pub struct FitOptions {
+    /// Checkpoints kept besides the best one (HF's `save_total_limit`); `None` keeps all.
+    pub save_total_limit: Option<usize>,
+    /// Recorded in the adapters' config as `base_model_name_or_path`.
+    pub base_model: String,
+}
+
+/// One epoch's figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochSummary {
+    pub epoch: usize,
+    pub steps: i64,
+    pub train_loss: f64,
+    pub eval_loss: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitSummary {
+    pub epochs: Vec<EpochSummary>,
+    /// The epoch with the lowest eval loss, whose adapter ends in `<output>/adapter`.
+    pub best_epoch: usize,
+}
+
+impl Trainer<'_> {
+    /// Epoch after epoch until done: train, evaluate, save `<output>/checkpoint-epoch-N`,
+    /// prune old checkpoints (never the best), and finally load the best adapter into the
+    /// model and write it to `<output>/adapter` (HF's `load_best_model_at_end` on eval loss).
+    /// Resumes from `resume_from` first when given.
+    pub fn fit(
+        &mut self,
+        train: &[Example],
+        eval: &[Example],
+        output: &Path,
+        options: &FitOptions,
+        mut on_step: impl FnMut(&StepLog),
+        mut on_epoch: impl FnMut(&EpochSummary),
+    ) -> anyhow::Result<FitSummary> {
+        let mut summaries: Vec<EpochSummary> = Vec::new();
+        loop {
+            let before = self.state.log.len();
+            if !self.train_epoch(train, &mut on_step)? {
+                break;
+            }
+            let epoch_logs = &self.state.log[before..];
+            let train_loss =
+                epoch_logs.iter().map(|l| l.loss).sum::<f64>() / epoch_logs.len().max(1) as f64;
+            let summary = EpochSummary {
+                epoch: self.state.epochs_done,
+                steps: self.state.global_step,
+                train_loss,
+                eval_loss: self.evaluate(eval)?,
+            };
+            on_epoch(&summary);
+            summaries.push(summary);
+            self.save_checkpoint(
+                &checkpoint_dir(output, self.state.epochs_done),
+                &options.base_model,
+            )?;
+            let best = best_epoch(&summaries);
+            if let Some(limit) = options.save_total_limit {
+                let saved: Vec<usize> = summaries.iter().map(|s| s.epoch).collect();
+                for epoch in checkpoints_to_prune(&saved, best, limit) {
+                    let dir = checkpoint_dir(output, epoch);
+                    if dir.exists() {
+                        std::fs::remove_dir_all(&dir)
+                            .with_context(|| format!("removing {}", dir.display()))?;
+                    }
+                }
+            }
+        }
+        let best = best_epoch(&summaries);
+        if best > 0 {
+            let best_dir = checkpoint_dir(output, best);
+            let saved = Adapter::load_peft(
+                &best_dir,
+                &self.model.linear_sites(),
+                self.model.encoder.device(),
+            )?;
+            tch::no_grad(|| {
+                for (ours, theirs) in self
+                    .adapter
+                    .trainable_tensors()
+                    .iter()
+                    .zip(saved.trainable_tensors())
+                {
+                    ours.shallow_clone().copy_(&theirs);
+                }
+            });
+            self.adapter
+                .save_peft(&output.join("adapter"), &options.base_model)?;
+        }
+        Ok(FitSummary {
+            epochs: summaries,
+            best_epoch: best,
+        })
+    }
+}
+
+/// `<output>/checkpoint-epoch-N`.
+pub fn checkpoint_dir(output: &Path, epoch: usize) -> std::path::PathBuf {
+    output.join(format!("checkpoint-epoch-{epoch}"))
+}
+
+/// Which of the `saved` epochs (oldest first) to delete, as HF's `save_total_limit` with
+/// `load_best_model_at_end`: at most `limit` checkpoints, the best always among them (with a
+/// limit of 1, the best and the latest when they differ).
+pub fn checkpoints_to_prune(saved: &[usize], best: usize, limit: usize) -> Vec<usize> {
+    let latest = saved.last().copied().unwrap_or(0);
+    let keep = limit.max(1).max(if best == latest { 1 } else { 2 });
+    let excess = saved.len().saturating_sub(keep);
+    saved
+        .iter()
+        .copied()
+        .filter(|&e| e != best)
+        .take(excess)
+        .collect()
+}
+
+/// The epoch with the lowest eval loss (the first of equals); 0 when none ran.
+fn best_epoch(summaries: &[EpochSummary]) -> usize {
+    summaries
+        .iter()
+        .fold(None::<&EpochSummary>, |best, s| match best {
+            Some(b) if b.eval_loss <= s.eval_loss => Some(b),
+            _ => Some(s),
+        })
+        .map_or(0, |s| s.epoch)
+}
+
 /// A permutation of `0..n` from `seed` (SplitMix64 driving Fisher-Yates): the same on every
 /// machine and run.
 pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
@@ -308,6 +439,14 @@ pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pruning_keeps_the_best_and_the_latest() {
+        assert_eq!(checkpoints_to_prune(&[1, 2, 3], 3, 1), vec![1, 2]);
+        assert_eq!(checkpoints_to_prune(&[1, 2, 3], 1, 1), vec![2]);
+        assert_eq!(checkpoints_to_prune(&[1, 2, 3, 4], 2, 2), vec![1, 3]);
+        assert_eq!(checkpoints_to_prune(&[1, 2, 3], 2, 5), Vec::<usize>::new());
+    }
 
     #[test]
     fn shuffles_are_permutations_fixed_by_the_seed() {
