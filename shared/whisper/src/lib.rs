@@ -3,6 +3,7 @@
 //! - [`config`]: the HF `config.json` of every Whisper size;
 //! - [`weights`]: named tensors of an HF safetensors directory;
 //! - [`linear`], [`model`]: the network (HF names and layout), no I/O;
+//! - [`dataset`]: JSONL manifests and Common Voice releases;
 //! - [`labels`]: training labels and decoder inputs as the recipe's collator makes them;
 //! - [`trainer`]: the recipe's training loop with checkpoints and exact resumption;
 //! - [`optim`]: AdamW, the linear schedule and gradient clipping, as the HF Trainer uses them;
@@ -20,6 +21,7 @@ pub mod adapter_io;
 pub mod beam;
 pub mod config;
 pub mod ct2;
+pub mod dataset;
 pub mod fallback;
 pub mod generation;
 pub mod greedy;
