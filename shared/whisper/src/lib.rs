@@ -3,7 +3,8 @@
 //! - [`config`]: the HF `config.json` of every Whisper size;
 //! - [`weights`]: named tensors of an HF safetensors directory;
 //! - [`linear`], [`model`]: the network (HF names and layout), no I/O;
-//! - [`dataset`]: JSONL manifests and Common Voice releases;
+//! - [`dataset`], [`feature_cache`]: JSONL manifests and Common Voice releases; features
+//!   computed once, content-addressed on disk;
 //! - [`labels`]: training labels and decoder inputs as the recipe's collator makes them;
 //! - [`trainer`]: the recipe's training loop with checkpoints and exact resumption;
 //! - [`optim`]: AdamW, the linear schedule and gradient clipping, as the HF Trainer uses them;
@@ -23,6 +24,7 @@ pub mod config;
 pub mod ct2;
 pub mod dataset;
 pub mod fallback;
+pub mod feature_cache;
 pub mod generation;
 pub mod greedy;
 pub mod labels;
