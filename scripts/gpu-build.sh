@@ -87,12 +87,10 @@ EOF
 fi
 
 # 3. A copy of the working tree (or of the commit GPU_BUILD_REV) using that torch-sys (the checkout's Cargo.toml and Cargo.lock
-#    are left alone), and the test binary built there. torch-sys links libtorch_cuda, but
-#    rustc's --as-needed drops it (nothing refers to its symbols) and without it libtorch sees
-#    no CUDA: link it once more at the end with --no-as-needed. Its CUDA dependencies (libcudart,
-#    cuDNN, ...) are not here: they are only resolved on the GPU machine
-#    (--allow-shlib-undefined). RUSTFLAGS with an explicit --target apply to the target crates
-#    only, not to build scripts.
+#    are left alone), and the test binary built there. shared/build-support keeps libtorch_cuda
+#    linked; its CUDA dependencies (libcudart, cuDNN, ...) are not here: they are only resolved
+#    on the GPU machine (--allow-shlib-undefined). RUSTFLAGS with an explicit --target apply to
+#    the target crates only, not to build scripts.
 rm -rf "$WORK/ws"
 mkdir -p "$WORK/ws"
 if [ -n "${GPU_BUILD_REV:-}" ]; then
@@ -103,7 +101,7 @@ fi
 printf '\n[patch.crates-io]\ntorch-sys = { path = "%s" }\n' "$WORK/torch-sys" >>"$WORK/ws/Cargo.toml"
 export LIBTORCH="$WORK/torch" LIBTORCH_BYPASS_VERSION_CHECK=1 LIBTORCH_CXX11_ABI=1
 export CARGO_TARGET_DIR="$WORK/target"
-export RUSTFLAGS="-C link-arg=-Wl,--push-state,--no-as-needed,-ltorch_cuda,--pop-state -C link-arg=-Wl,--allow-shlib-undefined"
+export RUSTFLAGS="-C link-arg=-Wl,--allow-shlib-undefined"
 log "cargo test --no-run (whisper_parity) in $WORK/ws against $LIBTORCH"
 (cd "$WORK/ws" && cargo test -p e2e-tests --test whisper_parity --no-run -j "$JOBS" \
     --target "$TARGET" --message-format=json-render-diagnostics >"$WORK/build.json")

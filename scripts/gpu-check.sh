@@ -12,10 +12,8 @@
 #      here:   scripts/gpu-build.sh          (TORCH_VERSION=2.11.0 by default)
 #      there:  bash .gpu/run.sh
 #
-# Either way the binary must list libtorch_cuda.so as needed: nothing in it refers to that
-# library's symbols, so rustc's --as-needed drops it, and libtorch then reports no CUDA. It is
-# linked once more with --no-as-needed (RUSTFLAGS with an explicit --target, so that build
-# scripts are left alone).
+# Either way the binary must list libtorch_cuda.so as needed; shared/build-support links it with
+# --no-as-needed whenever the libtorch has it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
@@ -23,5 +21,4 @@ bash scripts/setup.sh >/dev/null
 source scripts/env.sh
 python -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print("cuda:", torch.cuda.get_device_name(0))'
 export ASR_REQUIRE_CUDA=1
-export RUSTFLAGS="-C link-arg=-Wl,--push-state,--no-as-needed,-ltorch_cuda,--pop-state"
-cargo test --locked -p e2e-tests --test whisper_parity --target x86_64-unknown-linux-gnu -- --nocapture
+cargo test --locked -p e2e-tests --test whisper_parity -- --nocapture

@@ -12,6 +12,10 @@ use tch::{Device, Kind, Tensor};
 
 const BOUND: f64 = 1e-4;
 
+/// Training reseeds libtorch's process-wide generator for its dropout masks; tests that train
+/// take this lock so that a parallel one does not draw from it in between.
+static TRAINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn tensor(path: &Path) -> Tensor {
     let (shape, values) = read_npy(path);
     let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
@@ -327,6 +331,7 @@ fn merged_adapter_gives_the_attached_logits() {
 #[test]
 fn resumed_training_equals_uninterrupted_training() {
     use asr_whisper::trainer::{Example, LabelIds, TrainConfig, Trainer};
+    let _training = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
     let f = Fixture::new_with_inputs(8);
     let model_dir = f.dir.path().join("model");
     let config = WhisperConfig::from_file(&model_dir.join("config.json")).expect("config");
@@ -428,6 +433,7 @@ fn fit_keeps_the_best_checkpoint_and_ends_on_it() {
     use asr_whisper::trainer::{
         checkpoint_dir, Example, FitOptions, LabelIds, TrainConfig, Trainer,
     };
+    let _training = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
     let f = Fixture::new_with_inputs(4);
     let inputs = tensor(&f.dir.path().join("inputs.npy"));
     let examples: Vec<Example> = (0..4)

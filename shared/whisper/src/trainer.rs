@@ -4,6 +4,9 @@
 //! grad norm), and checkpoints (adapter in PEFT's layout, optimiser state, trainer state) from
 //! which a resumed run continues exactly as an uninterrupted one: the data order and the
 //! dropout masks derive from the seed and the position alone.
+//!
+//! The dropout masks come from libtorch's process-wide generator, reseeded at every
+//! micro-batch: that exactness holds while one training runs in the process at a time.
 
 use std::path::Path;
 
@@ -261,8 +264,9 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// Continues from a checkpoint of [`Self::save_checkpoint`] (same model, data and config).
-    pub fn resume(&mut self, dir: &Path) -> anyhow::Result<()> {
+    /// Copies the adapter saved in `dir` into the one being trained (the optimiser keeps
+    /// referring to the same tensors).
+    fn load_adapter_weights(&mut self, dir: &Path) -> anyhow::Result<()> {
         let device = self.model.encoder.device();
         let saved = Adapter::load_peft(dir, &self.model.linear_sites(), device)?;
         tch::no_grad(|| {
@@ -275,6 +279,12 @@ impl<'a> Trainer<'a> {
                 ours.shallow_clone().copy_(&theirs);
             }
         });
+        Ok(())
+    }
+
+    /// Continues from a checkpoint of [`Self::save_checkpoint`] (same model, data and config).
+    pub fn resume(&mut self, dir: &Path) -> anyhow::Result<()> {
+        self.load_adapter_weights(dir)?;
         self.state = serde_json::from_str(
             &std::fs::read_to_string(dir.join(STATE_FILE))
                 .with_context(|| format!("reading {}", dir.join(STATE_FILE).display()))?,
@@ -360,22 +370,7 @@ impl Trainer<'_> {
         }
         let best = best_epoch(&summaries);
         if best > 0 {
-            let best_dir = checkpoint_dir(output, best);
-            let saved = Adapter::load_peft(
-                &best_dir,
-                &self.model.linear_sites(),
-                self.model.encoder.device(),
-            )?;
-            tch::no_grad(|| {
-                for (ours, theirs) in self
-                    .adapter
-                    .trainable_tensors()
-                    .iter()
-                    .zip(saved.trainable_tensors())
-                {
-                    ours.shallow_clone().copy_(&theirs);
-                }
-            });
+            self.load_adapter_weights(&checkpoint_dir(output, best))?;
             self.adapter
                 .save_peft(&output.join("adapter"), &options.base_model)?;
         }
