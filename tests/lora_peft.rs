@@ -337,14 +337,16 @@ fn resumed_training_equals_uninterrupted_training() {
     let config = WhisperConfig::from_file(&model_dir.join("config.json")).expect("config");
     let inputs = tensor(&f.dir.path().join("inputs.npy"));
     let examples: Vec<Example> = (0..8)
-        .map(|i| Example {
-            window: Vec::<f32>::try_from(&inputs.get(i).reshape([-1])).expect("window"),
-            // The prompt, then 2 + i % 4 of the fixture's text tokens, then end-of-text.
-            labels: f.tokens[..4 + 2 + (i as usize % 4)]
-                .iter()
-                .copied()
-                .chain([50257])
-                .collect(),
+        .map(|i| {
+            Example::in_memory(
+                Vec::<f32>::try_from(&inputs.get(i).reshape([-1])).expect("window"),
+                // The prompt, then 2 + i % 4 of the fixture's text tokens, then end-of-text.
+                f.tokens[..4 + 2 + (i as usize % 4)]
+                    .iter()
+                    .copied()
+                    .chain([50257])
+                    .collect(),
+            )
         })
         .collect();
     let ids = LabelIds {
@@ -430,6 +432,7 @@ fn resumed_training_equals_uninterrupted_training() {
 /// (never the best), and the best epoch's adapter loaded and written to `<output>/adapter`.
 #[test]
 fn fit_keeps_the_best_checkpoint_and_ends_on_it() {
+    use asr_whisper::evaluation::EvalSet;
     use asr_whisper::trainer::{
         checkpoint_dir, Example, FitOptions, LabelIds, TrainConfig, Trainer,
     };
@@ -437,9 +440,11 @@ fn fit_keeps_the_best_checkpoint_and_ends_on_it() {
     let f = Fixture::new_with_inputs(4);
     let inputs = tensor(&f.dir.path().join("inputs.npy"));
     let examples: Vec<Example> = (0..4)
-        .map(|i| Example {
-            window: Vec::<f32>::try_from(&inputs.get(i).reshape([-1])).expect("window"),
-            labels: f.tokens.iter().copied().chain([50257]).collect(),
+        .map(|i| {
+            Example::in_memory(
+                Vec::<f32>::try_from(&inputs.get(i).reshape([-1])).expect("window"),
+                f.tokens.iter().copied().chain([50257]).collect(),
+            )
         })
         .collect();
     let mut model = f.model;
@@ -460,19 +465,24 @@ fn fit_keeps_the_best_checkpoint_and_ends_on_it() {
     let output = f.dir.path().join("run");
     let options = FitOptions {
         save_total_limit: Some(1),
-        base_model: "tiny-random-whisper".into(),
+        ..FitOptions::new("tiny-random-whisper")
     };
+    let evals = [EvalSet {
+        name: "train".into(),
+        examples: examples.clone(),
+        texts: Vec::new(),
+    }];
     let summary = trainer
         .fit(
             &examples,
-            &examples,
+            &evals,
             &output,
             &options,
             |_| {},
             |e| {
                 println!(
                     "epoch {}: step {}, train loss {:.4}, eval loss {:.4}",
-                    e.epoch, e.steps, e.train_loss, e.eval_loss
+                    e.epoch, e.steps, e.train_loss, e.evals[0].loss
                 )
             },
         )
@@ -482,9 +492,9 @@ fn fit_keeps_the_best_checkpoint_and_ends_on_it() {
     let lowest = summary
         .epochs
         .iter()
-        .map(|e| e.eval_loss)
+        .map(|e| e.evals[0].loss)
         .fold(f64::INFINITY, f64::min);
-    assert_eq!(summary.epochs[best - 1].eval_loss, lowest);
+    assert_eq!(summary.epochs[best - 1].evals[0].loss, lowest);
     for epoch in 1..=3 {
         let kept = checkpoint_dir(&output, epoch).exists();
         assert_eq!(

@@ -7,6 +7,7 @@ mod features;
 mod features_remote;
 mod status;
 mod train;
+mod train_local;
 mod transcribe;
 
 use clap::{Parser, Subcommand};
@@ -39,7 +40,8 @@ enum Command {
     /// LoRA adapters: merge one into a model's weights.
     #[command(subcommand)]
     Adapters(adapters::AdaptersCommand),
-    /// LoRA fine-tuning (`--dry-run`: build the model and adapter, print the parameter count).
+    /// LoRA fine-tuning: `--local` runs the recipe in this process; `--dry-run` builds the
+    /// model and adapter and prints the parameter count.
     Train(train::TrainArgs),
 }
 

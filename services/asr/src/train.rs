@@ -1,6 +1,7 @@
-//! `asr train`: LoRA fine-tuning. For now `--dry-run`: build the model from an HF config
-//! alone (uninitialised weights), attach the LoRA adapter the flags describe and print PEFT's
-//! trainable-parameter line. The trainer itself comes with issue 4.
+//! `asr train`: LoRA fine-tuning. `--local` runs the recipe in this process (see
+//! [`crate::train_local`]); `--dry-run` builds the model from an HF config alone
+//! (uninitialised weights), attaches the LoRA adapter the flags describe and prints PEFT's
+//! trainable-parameter line.
 
 use std::path::PathBuf;
 
@@ -59,6 +60,9 @@ impl LoraArgs {
 
 #[derive(Args)]
 pub struct TrainArgs {
+    /// Train in this process (the model service's Train RPC comes with the services).
+    #[arg(long)]
+    pub local: bool,
     /// Build the model and adapter, print the trainable-parameter line, and exit.
     #[arg(long)]
     pub dry_run: bool,
@@ -67,11 +71,16 @@ pub struct TrainArgs {
     pub model_config: Option<PathBuf>,
     #[command(flatten)]
     pub lora: LoraArgs,
+    #[command(flatten)]
+    pub recipe: crate::train_local::RecipeArgs,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if !args.dry_run {
-        bail!("only `asr train --dry-run` is available in this version: the trainer is being built (issue 4)");
+        if !args.local {
+            bail!("training through the model service is not available yet: use --local (or --dry-run)");
+        }
+        return crate::train_local::run(&args.lora, &args.recipe);
     }
     let path = args
         .model_config

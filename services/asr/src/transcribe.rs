@@ -70,6 +70,21 @@ pub struct TranscribeArgs {
     pub format: OutputFormat,
 }
 
+/// `--device`: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
+pub fn parse_device(name: &str) -> anyhow::Result<tch::Device> {
+    Ok(match name {
+        "auto" => tch::Device::cuda_if_available(),
+        "cpu" => tch::Device::Cpu,
+        "cuda" => tch::Device::Cuda(0),
+        other => tch::Device::Cuda(
+            other
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .with_context(|| format!("bad --device {other}"))?,
+        ),
+    })
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum TaskArg {
     Transcribe,
@@ -113,17 +128,7 @@ pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
     if !args.local {
         bail!("only --local transcription is available in this version (the services' Transcribe comes next)");
     }
-    let device = match args.device.as_str() {
-        "auto" => tch::Device::cuda_if_available(),
-        "cpu" => tch::Device::Cpu,
-        "cuda" => tch::Device::Cuda(0),
-        other => tch::Device::Cuda(
-            other
-                .strip_prefix("cuda:")
-                .and_then(|i| i.parse().ok())
-                .with_context(|| format!("bad --device {other}"))?,
-        ),
-    };
+    let device = parse_device(&args.device)?;
     let precision = match args.precision {
         PrecisionArg::Int8 => Precision::Int8,
         PrecisionArg::Fp32 => Precision::Fp32,

@@ -56,23 +56,27 @@ impl FeatureCache {
 
     /// The clip at `audio`, from the cache or computed (and then stored).
     pub fn prepare(&mut self, audio: &Path) -> anyhow::Result<Prepared> {
+        Ok(match self.locate(audio)? {
+            Located::Window(path) => Prepared::Window(read_window(&path, self.n_mels)?),
+            Located::TooLong(seconds) => Prepared::TooLong(seconds),
+        })
+    }
+
+    /// Where the clip's window lies in the cache (computed and stored first when missing), so
+    /// that a training set can hold paths and read each window when its batch comes.
+    pub fn locate(&mut self, audio: &Path) -> anyhow::Result<Located> {
         let bytes = std::fs::read(audio).with_context(|| format!("reading {}", audio.display()))?;
         let key = self.key(&bytes);
         let (window_path, long_path) = (self.path(&key, "f32"), self.path(&key, "long"));
-        if let Ok(stored) = std::fs::read(&window_path) {
-            if stored.len() == self.n_mels * 3000 * 4 {
-                self.hits += 1;
-                let values = stored
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
-                return Ok(Prepared::Window(values));
-            }
+        let window_bytes = (self.n_mels * 3000 * 4) as u64;
+        if std::fs::metadata(&window_path).is_ok_and(|m| m.len() == window_bytes) {
+            self.hits += 1;
+            return Ok(Located::Window(window_path));
         }
         if let Ok(seconds) = std::fs::read_to_string(&long_path) {
             if let Ok(seconds) = seconds.trim().parse::<f64>() {
                 self.hits += 1;
-                return Ok(Prepared::TooLong(seconds));
+                return Ok(Located::TooLong(seconds));
             }
         }
         let (_, frames, summary) = extract_all(
@@ -81,23 +85,42 @@ impl FeatureCache {
             InputFormat::Encoded,
         )
         .with_context(|| format!("computing features of {}", audio.display()))?;
-        let prepared = if summary.duration_seconds > MAX_SECONDS {
-            Prepared::TooLong(summary.duration_seconds)
-        } else {
-            let frames = &frames[..frames.len().min(3000 * self.n_mels)];
-            Prepared::Window(normalize_window(frames, self.n_mels))
-        };
-        match &prepared {
-            Prepared::Window(values) => {
-                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-                write_atomically(&window_path, &bytes)?;
-            }
-            Prepared::TooLong(seconds) => {
-                write_atomically(&long_path, seconds.to_string().as_bytes())?;
-            }
+        if summary.duration_seconds > MAX_SECONDS {
+            write_atomically(&long_path, summary.duration_seconds.to_string().as_bytes())?;
+            return Ok(Located::TooLong(summary.duration_seconds));
         }
-        Ok(prepared)
+        let frames = &frames[..frames.len().min(3000 * self.n_mels)];
+        let bytes: Vec<u8> = normalize_window(frames, self.n_mels)
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        write_atomically(&window_path, &bytes)?;
+        Ok(Located::Window(window_path))
     }
+}
+
+/// Where [`FeatureCache::locate`] found a clip.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Located {
+    /// The file of its window (`n_mels * 3000` little-endian f32).
+    Window(PathBuf),
+    /// Longer than [`MAX_SECONDS`] (its duration): skipped.
+    TooLong(f64),
+}
+
+/// Reads a cached window, checking its size.
+pub fn read_window(path: &Path, n_mels: usize) -> anyhow::Result<Vec<f32>> {
+    let stored = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    anyhow::ensure!(
+        stored.len() == n_mels * 3000 * 4,
+        "{} holds {} bytes, not one {n_mels}-mel window",
+        path.display(),
+        stored.len()
+    );
+    Ok(stored
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
 }
 
 /// Writes through a temporary file and a rename, so that a reader never sees half a file.

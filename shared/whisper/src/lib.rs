@@ -6,7 +6,9 @@
 //! - [`dataset`], [`feature_cache`]: JSONL manifests and Common Voice releases; features
 //!   computed once, content-addressed on disk;
 //! - [`labels`]: training labels and decoder inputs as the recipe's collator makes them;
+//! - [`train_data`]: examples (cached windows and labels) from a dataset;
 //! - [`trainer`]: the recipe's training loop with checkpoints and exact resumption;
+//! - [`evaluation`]: CER by generation, as `predict_with_generate`;
 //! - [`optim`]: AdamW, the linear schedule and gradient clipping, as the HF Trainer uses them;
 //! - [`lora`], [`adapter_io`]: LoRA adapters with PEFT's semantics and file layout;
 //! - [`generation`]: generation_config.json (prompt tokens, suppression);
@@ -23,6 +25,7 @@ pub mod beam;
 pub mod config;
 pub mod ct2;
 pub mod dataset;
+pub mod evaluation;
 pub mod fallback;
 pub mod feature_cache;
 pub mod generation;
@@ -36,6 +39,7 @@ pub mod model;
 pub mod optim;
 pub mod timestamps;
 pub mod tokenizer;
+pub mod train_data;
 pub mod trainer;
 pub mod transcriber;
 pub mod weights;

@@ -18,6 +18,10 @@ use crate::labels::{collate_labels, label_loss};
 use crate::lora::Adapter;
 use crate::model::Whisper;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LinearSchedule};
+pub use crate::train_data::Example;
+
+mod fit;
+pub use fit::{checkpoint_dir, checkpoints_to_prune, BestMetric, EpochSummary, EvalResult, FitOptions, FitSummary};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
@@ -50,12 +54,6 @@ impl Default for TrainConfig {
     }
 }
 
-/// One training example: a normalised window and its label tokens (see [`crate::labels`]).
-#[derive(Debug, Clone)]
-pub struct Example {
-    pub window: Vec<f32>,
-    pub labels: Vec<i64>,
-}
 
 /// The logged figures of one optimiser step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,6 +64,8 @@ pub struct StepLog {
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
+    /// Training examples per second over the step.
+    pub samples_per_second: f64,
 }
 
 /// Where training stands (saved with every checkpoint).
@@ -75,6 +75,9 @@ pub struct TrainerState {
     /// Epochs completed.
     pub epochs_done: usize,
     pub log: Vec<StepLog>,
+    /// Each finished epoch's figures (from [`Trainer::fit`]).
+    #[serde(default)]
+    pub epochs: Vec<EpochSummary>,
 }
 
 /// Token ids the collator needs.
@@ -139,6 +142,16 @@ impl<'a> Trainer<'a> {
         &self.adapter
     }
 
+    /// Trainable and all parameters of the model with its adapter (PEFT's two counts).
+    pub fn parameter_counts(&self) -> (i64, i64) {
+        self.model.parameter_counts()
+    }
+
+    /// Optimiser steps the whole run takes (the schedule's length).
+    pub fn total_steps(&self) -> i64 {
+        self.schedule.total
+    }
+
     fn finished(&self) -> bool {
         self.state.epochs_done >= self.config.epochs
             || self
@@ -162,6 +175,7 @@ impl<'a> Trainer<'a> {
         let batches: Vec<&[usize]> = order.chunks(self.config.batch_size).collect();
         let device = self.model.encoder.device();
         for (window_index, window) in batches.chunks(self.config.grad_accum).enumerate() {
+            let started = std::time::Instant::now();
             let mut loss_sum = 0.0;
             for (k, batch) in window.iter().enumerate() {
                 // Dropout masks from the position alone, so that a resumed run draws the same.
@@ -189,6 +203,8 @@ impl<'a> Trainer<'a> {
                 loss: loss_sum / window.len() as f64,
                 lr,
                 grad_norm,
+                samples_per_second: window.iter().map(|b| b.len()).sum::<usize>() as f64
+                    / started.elapsed().as_secs_f64().max(1e-9),
             };
             on_step(&log);
             self.state.log.push(log);
@@ -226,13 +242,13 @@ impl<'a> Trainer<'a> {
         batch: &[usize],
         device: Device,
     ) -> anyhow::Result<Tensor> {
-        let n_mels = self.model.config.num_mel_bins as i64;
-        let flat: Vec<f32> = batch
-            .iter()
-            .flat_map(|&i| examples[i].window.iter().copied())
-            .collect();
+        let n_mels = self.model.config.num_mel_bins;
+        let mut flat = Vec::with_capacity(batch.len() * n_mels * 3000);
+        for &i in batch {
+            flat.extend_from_slice(&examples[i].read_window(n_mels)?);
+        }
         let mel = Tensor::from_slice(&flat)
-            .view([batch.len() as i64, n_mels, 3000])
+            .view([batch.len() as i64, n_mels as i64, 3000])
             .to_device(device)
             .to_kind(self.model.encoder.kind());
         let rows: Vec<Vec<i64>> = batch.iter().map(|&i| examples[i].labels.clone()).collect();
@@ -296,122 +312,6 @@ impl<'a> Trainer<'a> {
     }
 }
 
-/// What [`Trainer::fit`] keeps on disk.
-#[derive(Debug, Clone)]
-pub struct FitOptions {
-    /// Checkpoints kept besides the best one (HF's `save_total_limit`); `None` keeps all.
-    pub save_total_limit: Option<usize>,
-    /// Recorded in the adapters' config as `base_model_name_or_path`.
-    pub base_model: String,
-}
-
-/// One epoch's figures.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EpochSummary {
-    pub epoch: usize,
-    pub steps: i64,
-    pub train_loss: f64,
-    pub eval_loss: f64,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct FitSummary {
-    pub epochs: Vec<EpochSummary>,
-    /// The epoch with the lowest eval loss, whose adapter ends in `<output>/adapter`.
-    pub best_epoch: usize,
-}
-
-impl Trainer<'_> {
-    /// Epoch after epoch until done: train, evaluate, save `<output>/checkpoint-epoch-N`,
-    /// prune old checkpoints (never the best), and finally load the best adapter into the
-    /// model and write it to `<output>/adapter` (HF's `load_best_model_at_end` on eval loss).
-    /// Resumes from `resume_from` first when given.
-    pub fn fit(
-        &mut self,
-        train: &[Example],
-        eval: &[Example],
-        output: &Path,
-        options: &FitOptions,
-        mut on_step: impl FnMut(&StepLog),
-        mut on_epoch: impl FnMut(&EpochSummary),
-    ) -> anyhow::Result<FitSummary> {
-        let mut summaries: Vec<EpochSummary> = Vec::new();
-        loop {
-            let before = self.state.log.len();
-            if !self.train_epoch(train, &mut on_step)? {
-                break;
-            }
-            let epoch_logs = &self.state.log[before..];
-            let train_loss =
-                epoch_logs.iter().map(|l| l.loss).sum::<f64>() / epoch_logs.len().max(1) as f64;
-            let summary = EpochSummary {
-                epoch: self.state.epochs_done,
-                steps: self.state.global_step,
-                train_loss,
-                eval_loss: self.evaluate(eval)?,
-            };
-            on_epoch(&summary);
-            summaries.push(summary);
-            self.save_checkpoint(
-                &checkpoint_dir(output, self.state.epochs_done),
-                &options.base_model,
-            )?;
-            let best = best_epoch(&summaries);
-            if let Some(limit) = options.save_total_limit {
-                let saved: Vec<usize> = summaries.iter().map(|s| s.epoch).collect();
-                for epoch in checkpoints_to_prune(&saved, best, limit) {
-                    let dir = checkpoint_dir(output, epoch);
-                    if dir.exists() {
-                        std::fs::remove_dir_all(&dir)
-                            .with_context(|| format!("removing {}", dir.display()))?;
-                    }
-                }
-            }
-        }
-        let best = best_epoch(&summaries);
-        if best > 0 {
-            self.load_adapter_weights(&checkpoint_dir(output, best))?;
-            self.adapter
-                .save_peft(&output.join("adapter"), &options.base_model)?;
-        }
-        Ok(FitSummary {
-            epochs: summaries,
-            best_epoch: best,
-        })
-    }
-}
-
-/// `<output>/checkpoint-epoch-N`.
-pub fn checkpoint_dir(output: &Path, epoch: usize) -> std::path::PathBuf {
-    output.join(format!("checkpoint-epoch-{epoch}"))
-}
-
-/// Which of the `saved` epochs (oldest first) to delete, as HF's `save_total_limit` with
-/// `load_best_model_at_end`: at most `limit` checkpoints, the best always among them (with a
-/// limit of 1, the best and the latest when they differ).
-pub fn checkpoints_to_prune(saved: &[usize], best: usize, limit: usize) -> Vec<usize> {
-    let latest = saved.last().copied().unwrap_or(0);
-    let keep = limit.max(1).max(if best == latest { 1 } else { 2 });
-    let excess = saved.len().saturating_sub(keep);
-    saved
-        .iter()
-        .copied()
-        .filter(|&e| e != best)
-        .take(excess)
-        .collect()
-}
-
-/// The epoch with the lowest eval loss (the first of equals); 0 when none ran.
-fn best_epoch(summaries: &[EpochSummary]) -> usize {
-    summaries
-        .iter()
-        .fold(None::<&EpochSummary>, |best, s| match best {
-            Some(b) if b.eval_loss <= s.eval_loss => Some(b),
-            _ => Some(s),
-        })
-        .map_or(0, |s| s.epoch)
-}
-
 /// A permutation of `0..n` from `seed` (SplitMix64 driving Fisher-Yates): the same on every
 /// machine and run.
 pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
@@ -434,14 +334,6 @@ pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pruning_keeps_the_best_and_the_latest() {
-        assert_eq!(checkpoints_to_prune(&[1, 2, 3], 3, 1), vec![1, 2]);
-        assert_eq!(checkpoints_to_prune(&[1, 2, 3], 1, 1), vec![2]);
-        assert_eq!(checkpoints_to_prune(&[1, 2, 3, 4], 2, 2), vec![1, 3]);
-        assert_eq!(checkpoints_to_prune(&[1, 2, 3], 2, 5), Vec::<usize>::new());
-    }
 
     #[test]
     fn shuffles_are_permutations_fixed_by_the_seed() {

@@ -1,0 +1,449 @@
+//! `asr train --local`: the recipe in this process. Datasets → cached features and labels →
+//! the int8 base with a LoRA adapter → `Trainer::fit`, with a progress bar, a step log, an
+//! epoch table and `<output>/train_summary.json`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use asr_audio::{FeaturePipeline, MelConfig, PipelineConfig};
+use asr_whisper::dataset::read_dataset;
+use asr_whisper::evaluation::{EvalSet, GenerationEval};
+use asr_whisper::feature_cache::FeatureCache;
+use asr_whisper::lora::trainable_parameters_line;
+use asr_whisper::optim::AdamWConfig;
+use asr_whisper::train_data::{prepare_set, LabelSpec, PreparedSet};
+use asr_whisper::trainer::{
+    BestMetric, EpochSummary, EvalResult, FitOptions, LabelIds, StepLog, TrainConfig, Trainer,
+};
+use asr_whisper::{Adapter, LoadOptions, LoadedModel, OutputProjection, Precision, Task};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::train::LoraArgs;
+use crate::transcribe::{parse_device, TaskArg};
+
+/// The recipe's flags, named as the notebook's `Seq2SeqTrainingArguments` name them.
+#[derive(Args)]
+pub struct RecipeArgs {
+    /// Training data: a JSONL manifest ({"audio", "text"} per line) or a Common Voice
+    /// release directory (read at --train-split).
+    #[arg(long)]
+    pub train: Option<PathBuf>,
+    #[arg(long, default_value = "train")]
+    pub train_split: String,
+    /// Evaluation data (manifest or Common Voice directory, read at --eval-split).
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    #[arg(long, default_value = "test")]
+    pub eval_split: String,
+    /// Where checkpoints, the best adapter and train_summary.json go.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// HF-layout Whisper directory to fine-tune.
+    #[arg(long, env = "ASR_MODEL", default_value = "assets/whisper-base")]
+    pub model: PathBuf,
+    /// How the frozen base is held: int8 (the recipe's load_in_8bit) or fp32.
+    #[arg(long, value_enum, default_value_t = BasePrecision::Int8)]
+    pub precision: BasePrecision,
+    /// "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value = "zh")]
+    pub language: String,
+    #[arg(long, value_enum, default_value_t = TaskArg::Transcribe)]
+    pub task: TaskArg,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    /// Examples per micro-batch (per_device_train_batch_size).
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step (gradient_accumulation_steps).
+    #[arg(long, default_value_t = 4)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: i64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Stop after this many optimiser steps (the schedule then spans them).
+    #[arg(long)]
+    pub max_steps: Option<i64>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Print a step line every N optimiser steps.
+    #[arg(long, default_value_t = 10)]
+    pub logging_steps: i64,
+    /// Checkpoints kept (the best always among them); all when unset.
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
+    /// Evaluate by generation too (CER), as predict_with_generate.
+    #[arg(long)]
+    pub eval_cer: bool,
+    /// Prompt plus generated tokens when evaluating by generation.
+    #[arg(long, default_value_t = 96)]
+    pub generation_max_length: usize,
+    /// Which eval figure picks the adapter kept at the end.
+    #[arg(long, value_enum, default_value_t = MetricArg::Loss)]
+    pub metric_for_best: MetricArg,
+    /// Skip the zero-shot evaluation before training.
+    #[arg(long)]
+    pub no_baseline_eval: bool,
+    /// Use only the first N training clips (quick runs).
+    #[arg(long)]
+    pub max_train_examples: Option<usize>,
+    /// Use only the first N evaluation clips.
+    #[arg(long)]
+    pub max_eval_examples: Option<usize>,
+    /// Continue from a checkpoint directory of an earlier run with the same settings.
+    #[arg(long)]
+    pub resume_from: Option<PathBuf>,
+    /// Feature cache directory (default: $ASR_CACHE/features, else ~/.cache/asr-lora/features).
+    #[arg(long)]
+    pub feature_cache: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum BasePrecision {
+    Int8,
+    Fp32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MetricArg {
+    Loss,
+    Cer,
+}
+
+#[derive(Serialize)]
+struct RunSummary<'a> {
+    model: String,
+    train_examples: usize,
+    skipped_over_30s: usize,
+    trainable_parameters: i64,
+    all_parameters: i64,
+    baseline: Vec<EvalResult>,
+    epochs: &'a [EpochSummary],
+    best_epoch: usize,
+    adapter: String,
+}
+
+fn default_feature_cache() -> PathBuf {
+    if let Some(cache) = std::env::var_os("ASR_CACHE") {
+        return PathBuf::from(cache).join("features");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".cache/asr-lora/features")
+}
+
+/// Reads a dataset and prepares its examples with a progress bar.
+fn prepare(
+    name: &str,
+    path: &Path,
+    split: &str,
+    limit: Option<usize>,
+    cache: &mut FeatureCache,
+    spec: LabelSpec,
+) -> anyhow::Result<PreparedSet> {
+    let mut entries = read_dataset(path, split)?;
+    if let Some(limit) = limit {
+        entries.truncate(limit);
+    }
+    let bar = ProgressBar::new(entries.len() as u64).with_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} clips {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("{name} features"));
+    let set = prepare_set(&entries, cache, spec, || bar.inc(1))?;
+    bar.finish_and_clear();
+    println!(
+        "{name}: {} examples from {} ({} clips over 30 s skipped, {} features from the cache)",
+        set.examples.len(),
+        path.display(),
+        set.skipped_too_long,
+        set.cache_hits
+    );
+    anyhow::ensure!(
+        !set.examples.is_empty(),
+        "{name}: no usable clip in {}",
+        path.display()
+    );
+    Ok(set)
+}
+
+fn eval_cell(result: &EvalResult) -> String {
+    match result.cer {
+        Some(cer) => format!("{:>9.4} {:>7.2}%", result.loss, cer * 100.0),
+        None => format!("{:>9.4} {:>8}", result.loss, "-"),
+    }
+}
+
+pub fn run(lora: &LoraArgs, args: &RecipeArgs) -> anyhow::Result<()> {
+    let (Some(train_path), Some(output)) = (&args.train, &args.output) else {
+        anyhow::bail!("--local needs --train DATA and --output DIR");
+    };
+    let device = parse_device(&args.device)?;
+    tch::manual_seed(args.seed as i64);
+    let mut loaded = LoadedModel::load(
+        &args.model,
+        LoadOptions {
+            device,
+            precision: match args.precision {
+                BasePrecision::Int8 => Precision::Int8,
+                BasePrecision::Fp32 => Precision::Fp32,
+            },
+            // The logits' gradient flows through this projection: keep it in fp32.
+            output_projection: Some(OutputProjection::Tied),
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("loading {}", args.model.display()))?;
+    let task = match args.task {
+        TaskArg::Transcribe => Task::Transcribe,
+        TaskArg::Translate => Task::Translate,
+    };
+    let spec = LabelSpec {
+        tokenizer: &loaded.tokenizer,
+        generation: &loaded.generation,
+        language: Some(&args.language),
+        task,
+    };
+    let n_mels = loaded.n_mels();
+    let mut cache = FeatureCache::new(
+        &args
+            .feature_cache
+            .clone()
+            .unwrap_or_else(default_feature_cache),
+        FeaturePipeline::new(PipelineConfig {
+            mel: MelConfig::new(n_mels as u32)?,
+            ..Default::default()
+        }),
+        n_mels,
+    );
+    let train = prepare(
+        "train",
+        train_path,
+        &args.train_split,
+        args.max_train_examples,
+        &mut cache,
+        spec,
+    )?;
+    let evals: Vec<EvalSet> = match &args.eval {
+        Some(path) => {
+            let set = prepare(
+                "eval",
+                path,
+                &args.eval_split,
+                args.max_eval_examples,
+                &mut cache,
+                spec,
+            )?;
+            vec![EvalSet {
+                name: "eval".into(),
+                examples: set.examples,
+                texts: set.texts,
+            }]
+        }
+        None => Vec::new(),
+    };
+    anyhow::ensure!(
+        args.metric_for_best != MetricArg::Cer || args.eval_cer,
+        "--metric-for-best cer needs --eval-cer"
+    );
+
+    let adapter = Adapter::init(lora.config(), &loaded.model.linear_sites(), device)?;
+    let generation_eval = args.eval_cer.then(|| GenerationEval {
+        generation: &loaded.generation,
+        tokenizer: &loaded.tokenizer,
+        language: Some(args.language.clone()),
+        task,
+        max_length: args.generation_max_length,
+        batch_size: args.batch_size.max(1) * 4,
+    });
+    let config = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        optimizer: AdamWConfig {
+            lr: args.lr,
+            weight_decay: args.weight_decay,
+            ..Default::default()
+        },
+        warmup_steps: args.warmup_steps,
+        max_grad_norm: args.max_grad_norm,
+        seed: args.seed,
+        max_steps: args.max_steps,
+    };
+    let ids = LabelIds {
+        decoder_start: loaded.generation.decoder_start_token_id,
+        pad: loaded.generation.eos_token_id,
+    };
+    let (epochs, batch_size, grad_accum) = (config.epochs, config.batch_size, config.grad_accum);
+    let mut trainer = Trainer::new(
+        &mut loaded.model,
+        adapter,
+        config,
+        ids,
+        train.examples.len(),
+    )?;
+    let (trainable, all) = trainer.parameter_counts();
+    println!("{}", trainable_parameters_line(trainable, all));
+    if let Some(checkpoint) = &args.resume_from {
+        trainer
+            .resume(checkpoint)
+            .with_context(|| format!("resuming from {}", checkpoint.display()))?;
+        println!(
+            "resumed from {} at step {} (epoch {})",
+            checkpoint.display(),
+            trainer.state.global_step,
+            trainer.state.epochs_done
+        );
+    }
+
+    let mut baseline = Vec::new();
+    if !args.no_baseline_eval && trainer.state.global_step == 0 {
+        for set in &evals {
+            let result = trainer.evaluate_set(set, generation_eval.as_ref())?;
+            println!(
+                "zero-shot {}: loss {:.4}{}",
+                set.name,
+                result.loss,
+                result
+                    .cer
+                    .map_or(String::new(), |c| format!(", CER {:.2}%", c * 100.0))
+            );
+            baseline.push(result);
+        }
+    }
+
+    let total_steps = trainer.total_steps();
+    println!(
+        "training: {} examples, {epochs} epochs, batch {batch_size} x accumulation {grad_accum}, {total_steps} optimiser steps",
+        train.examples.len(),
+    );
+    let bar = ProgressBar::new(total_steps as u64).with_style(
+        ProgressStyle::with_template(
+            "{prefix:>5} [{bar:30}] {pos}/{len} steps {elapsed}<{eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix("train");
+    bar.set_position(trainer.state.global_step as u64);
+    let logging_steps = args.logging_steps.max(1);
+    let on_step = |log: &StepLog| {
+        bar.set_position(log.step as u64);
+        bar.set_message(format!("loss {:.4} lr {:.2e}", log.loss, log.lr));
+        if log.step % logging_steps == 0 || log.step == total_steps {
+            bar.suspend(|| {
+                println!(
+                    "step {:>5}  epoch {:>5.2}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  samples/s {:.2}",
+                    log.step, log.epoch, log.loss, log.lr, log.grad_norm, log.samples_per_second
+                )
+            });
+        }
+    };
+    let on_epoch = |summary: &EpochSummary| {
+        bar.suspend(|| {
+            println!(
+                "epoch {} done: step {}, train loss {:.4}, {:.2} samples/s{}",
+                summary.epoch,
+                summary.steps,
+                summary.train_loss,
+                summary.samples_per_second,
+                summary
+                    .evals
+                    .iter()
+                    .map(|e| format!(", {} {}", e.name, eval_cell(e).trim()))
+                    .collect::<String>()
+            )
+        });
+    };
+    let options = FitOptions {
+        save_total_limit: args.save_total_limit,
+        metric_for_best: match args.metric_for_best {
+            MetricArg::Loss => BestMetric::EvalLoss,
+            MetricArg::Cer => BestMetric::Cer,
+        },
+        generation: generation_eval.clone(),
+        ..FitOptions::new(args.model.display().to_string())
+    };
+    let fit = trainer.fit(
+        &train.examples,
+        &evals,
+        output,
+        &options,
+        on_step,
+        on_epoch,
+    )?;
+    bar.finish_and_clear();
+
+    println!();
+    println!(
+        "{:>5} {:>7} {:>10} {:>10}{}",
+        "epoch",
+        "step",
+        "train loss",
+        "samples/s",
+        evals
+            .iter()
+            .map(|e| format!(" {:>9} {:>8}", format!("{} loss", e.name), "CER"))
+            .collect::<String>()
+    );
+    if !baseline.is_empty() {
+        println!(
+            "{:>5} {:>7} {:>10} {:>10}{}",
+            "0",
+            "0",
+            "-",
+            "-",
+            baseline
+                .iter()
+                .map(|e| format!(" {}", eval_cell(e)))
+                .collect::<String>()
+        );
+    }
+    for epoch in &fit.epochs {
+        println!(
+            "{:>5} {:>7} {:>10.4} {:>10.2}{}{}",
+            epoch.epoch,
+            epoch.steps,
+            epoch.train_loss,
+            epoch.samples_per_second,
+            epoch
+                .evals
+                .iter()
+                .map(|e| format!(" {}", eval_cell(e)))
+                .collect::<String>(),
+            if epoch.epoch == fit.best_epoch {
+                "  <- best"
+            } else {
+                ""
+            }
+        );
+    }
+    let adapter_dir = output.join("adapter");
+    println!(
+        "best epoch {}: adapter in {}",
+        fit.best_epoch,
+        adapter_dir.display()
+    );
+    let summary = RunSummary {
+        model: args.model.display().to_string(),
+        train_examples: train.examples.len(),
+        skipped_over_30s: train.skipped_too_long,
+        trainable_parameters: trainable,
+        all_parameters: all,
+        baseline,
+        epochs: &fit.epochs,
+        best_epoch: fit.best_epoch,
+        adapter: adapter_dir.display().to_string(),
+    };
+    std::fs::write(
+        output.join("train_summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    Ok(())
+}
