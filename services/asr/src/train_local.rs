@@ -13,7 +13,8 @@ use asr_whisper::lora::trainable_parameters_line;
 use asr_whisper::optim::AdamWConfig;
 use asr_whisper::train_data::{prepare_set, LabelSpec, PreparedSet};
 use asr_whisper::trainer::{
-    BestMetric, EpochSummary, EvalResult, FitOptions, LabelIds, StepLog, TrainConfig, Trainer,
+    BestMetric, EpochSummary, EvalResult, FitOptions, LabelIds, MixedPrecision, StepLog,
+    TrainConfig, Trainer,
 };
 use asr_whisper::{Adapter, LoadOptions, LoadedModel, OutputProjection, Precision, Task};
 use clap::{Args, ValueEnum};
@@ -49,6 +50,11 @@ pub struct RecipeArgs {
     /// "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Precision of the model's products (adapters, optimiser and layer norms stay fp32):
+    /// auto is the recipe's fp16 (with loss scaling) on CUDA, bf16 on a CPU with AVX512-BF16
+    /// (about 1.4x faster there), no elsewhere.
+    #[arg(long, value_enum, default_value_t = MixedPrecisionArg::Auto)]
+    pub mixed_precision: MixedPrecisionArg,
     #[arg(long, default_value = "zh")]
     pub language: String,
     #[arg(long, value_enum, default_value_t = TaskArg::Transcribe)]
@@ -112,6 +118,38 @@ pub enum BasePrecision {
     Fp32,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+pub enum MixedPrecisionArg {
+    Auto,
+    No,
+    Bf16,
+    Fp16,
+}
+
+impl MixedPrecisionArg {
+    fn resolve(self, device: tch::Device) -> MixedPrecision {
+        match self {
+            MixedPrecisionArg::No => MixedPrecision::No,
+            MixedPrecisionArg::Bf16 => MixedPrecision::Bf16,
+            MixedPrecisionArg::Fp16 => MixedPrecision::Fp16,
+            MixedPrecisionArg::Auto if device.is_cuda() => MixedPrecision::Fp16,
+            MixedPrecisionArg::Auto if cpu_has_bf16() => MixedPrecision::Bf16,
+            MixedPrecisionArg::Auto => MixedPrecision::No,
+        }
+    }
+}
+
+fn cpu_has_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum MetricArg {
     Loss,
@@ -121,6 +159,9 @@ pub enum MetricArg {
 #[derive(Serialize)]
 struct RunSummary<'a> {
     model: String,
+    mixed_precision: String,
+    /// Peak resident memory of this process (VmHWM), features and evaluation included.
+    peak_rss_bytes: u64,
     train_examples: usize,
     skipped_over_30s: usize,
     trainable_parameters: i64,
@@ -129,6 +170,18 @@ struct RunSummary<'a> {
     epochs: &'a [EpochSummary],
     best_epoch: usize,
     adapter: String,
+}
+
+/// VmHWM of this process (0 where /proc is missing).
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
 }
 
 fn default_feature_cache() -> PathBuf {
@@ -276,12 +329,14 @@ pub fn run(lora: &LoraArgs, args: &RecipeArgs) -> anyhow::Result<()> {
         max_grad_norm: args.max_grad_norm,
         seed: args.seed,
         max_steps: args.max_steps,
+        mixed_precision: args.mixed_precision.resolve(device),
     };
     let ids = LabelIds {
         decoder_start: loaded.generation.decoder_start_token_id,
         pad: loaded.generation.eos_token_id,
     };
     let (epochs, batch_size, grad_accum) = (config.epochs, config.batch_size, config.grad_accum);
+    let mixed_precision = config.mixed_precision;
     let mut trainer = Trainer::new(
         &mut loaded.model,
         adapter,
@@ -321,7 +376,7 @@ pub fn run(lora: &LoraArgs, args: &RecipeArgs) -> anyhow::Result<()> {
 
     let total_steps = trainer.total_steps();
     println!(
-        "training: {} examples, {epochs} epochs, batch {batch_size} x accumulation {grad_accum}, {total_steps} optimiser steps",
+        "training: {} examples, {epochs} epochs, batch {batch_size} x accumulation {grad_accum}, {total_steps} optimiser steps, mixed precision {mixed_precision:?}, {device:?}",
         train.examples.len(),
     );
     let bar = ProgressBar::new(total_steps as u64).with_style(
@@ -370,14 +425,7 @@ pub fn run(lora: &LoraArgs, args: &RecipeArgs) -> anyhow::Result<()> {
         generation: generation_eval.clone(),
         ..FitOptions::new(args.model.display().to_string())
     };
-    let fit = trainer.fit(
-        &train.examples,
-        &evals,
-        output,
-        &options,
-        on_step,
-        on_epoch,
-    )?;
+    let fit = trainer.fit(&train.examples, &evals, output, &options, on_step, on_epoch)?;
     bar.finish_and_clear();
 
     println!();
@@ -432,6 +480,8 @@ pub fn run(lora: &LoraArgs, args: &RecipeArgs) -> anyhow::Result<()> {
     );
     let summary = RunSummary {
         model: args.model.display().to_string(),
+        mixed_precision: format!("{mixed_precision:?}"),
+        peak_rss_bytes: peak_rss_bytes(),
         train_examples: train.examples.len(),
         skipped_over_30s: train.skipped_too_long,
         trainable_parameters: trainable,

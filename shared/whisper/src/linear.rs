@@ -27,6 +27,28 @@ pub struct Int8Weight {
     /// f32 `[out]`.
     scale: Tensor,
     outlier_threshold: f64,
+    compute: Int8Compute,
+}
+
+/// How an int8 layer multiplies (its storage stays int8 either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Compute {
+    /// LLM.int8: the int8 GEMM after dynamic per-row activation quantisation, outlier
+    /// columns in float; the gradient crosses the layer in `grad_kind` (float32, or bfloat16
+    /// where the CPU multiplies it several times faster).
+    Int8Gemm { grad_kind: Kind },
+    /// The weight dequantised to this kind for each product (QLoRA's "compute dtype"): on a
+    /// CPU with AVX512-BF16, bfloat16 products in both directions cost less than the int8
+    /// path's quantisation passes over the activations.
+    Dequantized(Kind),
+}
+
+impl Default for Int8Compute {
+    fn default() -> Self {
+        Self::Int8Gemm {
+            grad_kind: Kind::Float,
+        }
+    }
 }
 
 impl Int8Weight {
@@ -49,6 +71,7 @@ impl Int8Weight {
             q_t,
             scale: scale.squeeze_dim(1),
             outlier_threshold,
+            compute: Int8Compute::default(),
         }
     }
 
@@ -107,6 +130,7 @@ extern "C" {
         y: *mut torch_sys::C_tensor,
         q_t: *mut torch_sys::C_tensor,
         scale: *mut torch_sys::C_tensor,
+        grad_dtype: std::os::raw::c_int,
     ) -> *mut torch_sys::C_tensor;
 }
 
@@ -114,6 +138,15 @@ impl Int8Weight {
     /// [`Self::matmul_t`], differentiable with respect to `x` when `x` needs a gradient (an
     /// adapter below this layer trains).
     fn matmul_t_with_grad(&self, x: &Tensor) -> Tensor {
+        let grad_kind = match self.compute {
+            Int8Compute::Int8Gemm { grad_kind } => grad_kind,
+            Int8Compute::Dequantized(kind) => {
+                let w_t = tch::no_grad(|| {
+                    (self.q_t.to_kind(Kind::Float) * self.scale.unsqueeze(0)).to_kind(kind)
+                });
+                return x.to_kind(kind).matmul(&w_t).to_kind(Kind::Float);
+            }
+        };
         let y = tch::no_grad(|| self.matmul_t(x));
         if !x.requires_grad() {
             return y;
@@ -126,6 +159,7 @@ impl Int8Weight {
                 y.as_ptr() as *mut _,
                 self.q_t.as_ptr() as *mut _,
                 self.scale.as_ptr() as *mut _,
+                scalar_type_code(grad_kind),
             )
         };
         if out.is_null() {
@@ -135,6 +169,15 @@ impl Int8Weight {
         }
         // SAFETY: a non-null pointer from `new torch::Tensor`.
         unsafe { Tensor::from_ptr(out) }
+    }
+}
+
+/// c10::ScalarType's number of the kinds a backward product may use.
+fn scalar_type_code(kind: Kind) -> std::os::raw::c_int {
+    match kind {
+        Kind::Half => 5,
+        Kind::BFloat16 => 15,
+        _ => 6, // Float
     }
 }
 
@@ -159,6 +202,8 @@ pub struct Linear {
     bias: Option<Tensor>,
     /// The attached adapter's part for this layer.
     lora: Option<LoraLayer>,
+    /// Kind of a float weight's product when not the activations' (mixed precision).
+    compute_kind: Option<Kind>,
 }
 
 impl Linear {
@@ -187,6 +232,7 @@ impl Linear {
             weight,
             bias,
             lora: None,
+            compute_kind: None,
         })
     }
 
@@ -198,6 +244,7 @@ impl Linear {
             weight,
             bias: None,
             lora: None,
+            compute_kind: None,
         }
     }
 
@@ -214,6 +261,18 @@ impl Linear {
     /// Attaches `adapter`'s part for this layer (or detaches when it has none).
     pub fn attach(&mut self, adapter: Option<&Adapter>) {
         self.lora = adapter.and_then(|a| a.layer_for(&self.name));
+    }
+
+    /// Mixed precision: the base product in `kind` (an int8 weight dequantised to it, see
+    /// [`Int8Compute::Dequantized`]), the output and the adapter in float32; `None` goes
+    /// back to full precision (and to the int8 GEMM).
+    pub fn set_compute_kind(&mut self, kind: Option<Kind>) {
+        match &mut self.weight {
+            LinearWeight::Int8(weight) => {
+                weight.compute = kind.map_or_else(Int8Compute::default, Int8Compute::Dequantized)
+            }
+            LinearWeight::Float(_) => self.compute_kind = kind,
+        }
     }
 
     /// An int8 layer without bias for an existing float weight `[out, in]` (the tied logits
@@ -236,6 +295,13 @@ impl Linear {
         // A trainable bias of the adapter replaces the base one.
         let bias = lora.and_then(|l| l.bias.as_ref()).or(self.bias.as_ref());
         let y = match &self.weight {
+            LinearWeight::Float(weight) if self.compute_kind.is_some_and(|k| k != xs.kind()) => {
+                let kind = self.compute_kind.unwrap_or(Kind::Float);
+                let bias = bias.map(|b| b.to_kind(kind));
+                xs.to_kind(kind)
+                    .linear(&weight.to_kind(kind), bias.as_ref())
+                    .to_kind(xs.kind())
+            }
             LinearWeight::Float(weight) if weight.kind() != xs.kind() => {
                 let bias = bias.map(|b| b.to_kind(weight.kind()));
                 xs.to_kind(weight.kind()).linear(weight, bias.as_ref())

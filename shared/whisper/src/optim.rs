@@ -2,6 +2,7 @@
 //! and 0.999, eps 1e-8, decoupled weight decay, bias correction), HF's linear schedule with
 //! warmup, and gradient clipping by the global norm (`clip_grad_norm_`).
 
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -177,6 +178,61 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
     })
 }
 
+/// Dynamic loss scaling for fp16 training, as torch.amp's `GradScaler` with its defaults:
+/// the loss is multiplied by `scale` before backward; gradients are divided by it again and
+/// checked; a step whose gradients overflowed is skipped and halves the scale, and 2000
+/// clean steps in a row double it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GradScaler {
+    pub scale: f64,
+    /// Clean steps since the last change of scale.
+    pub growth_tracker: i64,
+    pub growth_factor: f64,
+    pub backoff_factor: f64,
+    pub growth_interval: i64,
+}
+
+impl Default for GradScaler {
+    fn default() -> Self {
+        Self {
+            scale: 65536.0,
+            growth_tracker: 0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+        }
+    }
+}
+
+impl GradScaler {
+    /// Divides the gradients of `params` by the scale; true when any is not finite (the
+    /// step must then be skipped).
+    pub fn unscale(&self, params: &[Tensor]) -> bool {
+        tch::no_grad(|| {
+            let mut found_inf = false;
+            for g in params.iter().map(Tensor::grad).filter(Tensor::defined) {
+                let _ = g.shallow_clone().g_mul_scalar_(1.0 / self.scale);
+                found_inf |= !bool::try_from(g.isfinite().all()).unwrap_or(false);
+            }
+            found_inf
+        })
+    }
+
+    /// The scale for the next step.
+    pub fn update(&mut self, found_inf: bool) {
+        if found_inf {
+            self.scale *= self.backoff_factor;
+            self.growth_tracker = 0;
+        } else {
+            self.growth_tracker += 1;
+            if self.growth_tracker >= self.growth_interval {
+                self.scale *= self.growth_factor;
+                self.growth_tracker = 0;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,5 +290,25 @@ mod tests {
             + b.grad().norm().double_value(&[]).powi(2))
         .sqrt();
         assert!((clipped - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn the_scaler_skips_overflowing_steps_and_adapts_its_scale() {
+        let p = Tensor::zeros([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        (p.sum(Kind::Float) * 65536.0 * 2.0).backward();
+        let mut scaler = GradScaler {
+            growth_interval: 2,
+            ..Default::default()
+        };
+        assert!(!scaler.unscale(std::slice::from_ref(&p)));
+        assert_eq!(Vec::<f32>::try_from(&p.grad()).expect("grad"), vec![2.0; 3]);
+        scaler.update(false);
+        scaler.update(false);
+        assert_eq!((scaler.scale, scaler.growth_tracker), (131072.0, 0));
+        let q = Tensor::from_slice(&[1.0f32, f32::INFINITY]).set_requires_grad(true);
+        (&q * &q).sum(Kind::Float).backward();
+        assert!(scaler.unscale(std::slice::from_ref(&q)));
+        scaler.update(true);
+        assert_eq!((scaler.scale, scaler.growth_tracker), (65536.0, 0));
     }
 }

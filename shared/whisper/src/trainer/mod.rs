@@ -12,16 +12,19 @@ use std::path::Path;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::labels::{collate_labels, label_loss};
 use crate::lora::Adapter;
 use crate::model::Whisper;
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LinearSchedule};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, GradScaler, LinearSchedule};
 pub use crate::train_data::Example;
 
 mod fit;
-pub use fit::{checkpoint_dir, checkpoints_to_prune, BestMetric, EpochSummary, EvalResult, FitOptions, FitSummary};
+pub use fit::{
+    checkpoint_dir, checkpoints_to_prune, BestMetric, EpochSummary, EvalResult, FitOptions,
+    FitSummary,
+};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
@@ -36,6 +39,30 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Stop after this many optimiser steps (the schedule then spans them).
     pub max_steps: Option<i64>,
+    pub mixed_precision: MixedPrecision,
+}
+
+/// Precision of the model's products during training (adapters, optimiser state, layer norms
+/// and the loss stay float32; see [`Whisper::set_compute_kind`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MixedPrecision {
+    /// Float32 products (the int8 GEMM for an int8 base).
+    #[default]
+    No,
+    /// bfloat16 products: float32's range, no loss scaling needed.
+    Bf16,
+    /// float16 products with dynamic loss scaling (the recipe's `fp16=True`, for CUDA).
+    Fp16,
+}
+
+impl MixedPrecision {
+    pub fn compute_kind(self) -> Option<Kind> {
+        match self {
+            MixedPrecision::No => None,
+            MixedPrecision::Bf16 => Some(Kind::BFloat16),
+            MixedPrecision::Fp16 => Some(Kind::Half),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -50,10 +77,10 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             seed: 42,
             max_steps: None,
+            mixed_precision: MixedPrecision::No,
         }
     }
 }
-
 
 /// The logged figures of one optimiser step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -78,6 +105,12 @@ pub struct TrainerState {
     /// Each finished epoch's figures (from [`Trainer::fit`]).
     #[serde(default)]
     pub epochs: Vec<EpochSummary>,
+    /// The loss scaler of fp16 training.
+    #[serde(default)]
+    pub scaler: Option<GradScaler>,
+    /// Optimiser steps skipped because fp16 gradients overflowed.
+    #[serde(default)]
+    pub skipped_steps: i64,
 }
 
 /// Token ids the collator needs.
@@ -115,6 +148,7 @@ impl<'a> Trainer<'a> {
             "batch size and gradient accumulation must be positive"
         );
         model.attach(&adapter);
+        model.set_compute_kind(config.mixed_precision.compute_kind());
         adapter.set_training(true);
         let batches = examples.div_ceil(config.batch_size);
         let steps_per_epoch = batches.div_ceil(config.grad_accum) as i64;
@@ -127,6 +161,7 @@ impl<'a> Trainer<'a> {
             total,
         };
         let optimizer = AdamW::new(adapter.trainable_tensors(), config.optimizer);
+        let scaler = (config.mixed_precision == MixedPrecision::Fp16).then(GradScaler::default);
         Ok(Self {
             model,
             adapter,
@@ -134,7 +169,10 @@ impl<'a> Trainer<'a> {
             ids,
             optimizer,
             schedule,
-            state: TrainerState::default(),
+            state: TrainerState {
+                scaler,
+                ..Default::default()
+            },
         })
     }
 
@@ -186,13 +224,28 @@ impl<'a> Trainer<'a> {
                         .wrapping_add(epoch as i64 * 1_000_000 + micro),
                 );
                 let loss = self.micro_batch_loss(examples, batch, device)?;
-                (&loss / window.len() as f64).backward();
+                let loss_scale = self.state.scaler.as_ref().map_or(1.0, |s| s.scale);
+                (&loss * (loss_scale / window.len() as f64)).backward();
                 loss_sum += loss.double_value(&[]);
             }
             let params = self.adapter.trainable_tensors();
+            let overflowed = self
+                .state
+                .scaler
+                .as_ref()
+                .is_some_and(|scaler| scaler.unscale(&params));
             let grad_norm = clip_grad_norm(&params, self.config.max_grad_norm);
             let lr = self.schedule.lr(self.state.global_step);
-            self.optimizer.step(lr);
+            // As torch.amp: a step whose gradients overflowed is skipped (the schedule still
+            // advances), and the scale adapts.
+            if overflowed {
+                self.state.skipped_steps += 1;
+            } else {
+                self.optimizer.step(lr);
+            }
+            if let Some(scaler) = &mut self.state.scaler {
+                scaler.update(overflowed);
+            }
             self.optimizer.zero_grad();
             self.state.global_step += 1;
             let log = StepLog {
