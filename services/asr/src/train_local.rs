@@ -13,8 +13,8 @@ use asr_whisper::lora::trainable_parameters_line;
 use asr_whisper::optim::AdamWConfig;
 use asr_whisper::train_data::{prepare_set, LabelSpec, PreparedSet};
 use asr_whisper::trainer::{
-    BestMetric, EpochSummary, EvalResult, FitOptions, LabelIds, MixedPrecision, StepLog,
-    TrainConfig, Trainer,
+    checkpoint_dir, BestMetric, EpochSummary, EvalResult, FitOptions, LabelIds, MixedPrecision,
+    StepLog, TrainConfig, Trainer,
 };
 use asr_whisper::{Adapter, LoadOptions, LoadedModel, OutputProjection, Precision, Task};
 use clap::{Args, ValueEnum};
@@ -170,6 +170,32 @@ struct RunSummary<'a> {
     epochs: &'a [EpochSummary],
     best_epoch: usize,
     adapter: String,
+}
+
+/// Resuming into another output directory: the source run's checkpoints up to the resumed
+/// epoch are copied in, so that the best of them can still be chosen at the end.
+fn adopt_checkpoints(checkpoint: &Path, output: &Path, epochs_done: usize) -> anyhow::Result<()> {
+    let source = checkpoint.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(output)?;
+    if source.canonicalize()? == output.canonicalize()? {
+        return Ok(());
+    }
+    for epoch in 1..=epochs_done {
+        let from = checkpoint_dir(source, epoch);
+        let to = checkpoint_dir(output, epoch);
+        if !from.is_dir() || to.exists() {
+            continue;
+        }
+        std::fs::create_dir_all(&to)?;
+        for file in std::fs::read_dir(&from)? {
+            let file = file?;
+            if file.file_type()?.is_file() {
+                std::fs::copy(file.path(), to.join(file.file_name()))
+                    .with_context(|| format!("copying {}", file.path().display()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// VmHWM of this process (0 where /proc is missing).
@@ -350,6 +376,7 @@ pub fn run(lora: &LoraArgs, args: &RecipeArgs) -> anyhow::Result<()> {
         trainer
             .resume(checkpoint)
             .with_context(|| format!("resuming from {}", checkpoint.display()))?;
+        adopt_checkpoints(checkpoint, output, trainer.state.epochs_done)?;
         println!(
             "resumed from {} at step {} (epoch {})",
             checkpoint.display(),

@@ -2,6 +2,7 @@
 //! in one run and print ratios.
 
 mod features;
+mod train;
 mod transcribe;
 
 use std::path::{Path, PathBuf};
@@ -17,6 +18,9 @@ pub enum BenchCommand {
     Features(features::FeatureBenchArgs),
     /// Transcription of the espeak test split: ours int8/fp32 vs faster-whisper int8 and HF fp32.
     Transcribe(transcribe::TranscribeBenchArgs),
+    /// LoRA training: ours (int8 base) vs HF PEFT (fp32) on the espeak training split, with
+    /// CER before and after.
+    Train(train::TrainBenchArgs),
     /// (internal) One engine of `bench transcribe`, in its own process so its peak RSS is its own.
     #[command(hide = true)]
     TranscribeWorker(transcribe::WorkerArgs),
@@ -26,6 +30,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Features(args) => features::run(args),
         BenchCommand::Transcribe(args) => transcribe::run(args),
+        BenchCommand::Train(args) => train::run_bench(args),
         BenchCommand::TranscribeWorker(args) => transcribe::worker(args),
     }
 }
