@@ -198,3 +198,88 @@ fn recipe_lora_on_the_int8_base_fits_a_few_clips() {
     );
     assert!(last < 0.5 * first, "loss went from {first} to {last}");
 }
+
+/// `asr adapters merge --quantize int8`'s core on whisper-base: an adapter folded into the
+/// weights and stored int8 (bitsandbytes' layout) loads back as int8 layers of the same size
+/// as the int8 base, and its logits stay as close to the attached adapter's as int8 itself is
+/// to fp32.
+#[test]
+fn merged_int8_model_matches_the_attached_adapter() {
+    use asr_whisper::adapter_io::quantize_linears;
+    use asr_whisper::weights::read_model_tensors;
+    use asr_whisper::{Adapter, LoraConfig, Weights, Whisper, WhisperConfig};
+    use tch::{Device, Kind};
+    let clips = test_clips(2);
+    let mel = load(Precision::Int8).batch(&first_windows(&clips));
+    let g = load(Precision::Int8).generation;
+    let prompt = Tensor::from_slice(
+        &g.prompt(Some("zh"), Task::Transcribe, false)
+            .expect("prompt"),
+    )
+    .unsqueeze(0)
+    .repeat([2, 1]);
+    let dir = model_dir();
+    tch::manual_seed(11);
+    let mut int8 = load(Precision::Int8);
+    let adapter = Adapter::init(
+        LoraConfig::default(),
+        &int8.model.linear_sites(),
+        Device::Cpu,
+    )
+    .expect("adapter");
+    tch::no_grad(|| {
+        for t in adapter.trainable_tensors() {
+            // B away from zero so that the adapter changes the outputs.
+            let _ = t.shallow_clone().copy_(&(t.randn_like() * 0.002));
+        }
+    });
+    int8.model.attach(&adapter);
+    let mut fp32 = load(Precision::Fp32);
+    fp32.model.attach(&adapter);
+    let logits = |m: &LoadedModel| tch::no_grad(|| teacher_forced(m, &mel, &prompt));
+    let (attached_int8, attached_fp32) = (logits(&int8), logits(&fp32));
+
+    let mut tensors = read_model_tensors(&dir).expect("tensors");
+    adapter.merge_into(&mut tensors).expect("merge");
+    let layers: Vec<String> = int8
+        .model
+        .linear_sites()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    quantize_linears(&mut tensors, &layers).expect("quantise");
+    assert_eq!(tensors[&format!("{}.weight", layers[0])].kind(), Kind::Int8);
+    let config = WhisperConfig::from_file(&dir.join("config.json")).expect("config");
+    let merged = Whisper::load(
+        Weights::from_map(tensors, Device::Cpu, Kind::Float)
+            .with_int8_linears(asr_whisper::linear::DEFAULT_OUTLIER_THRESHOLD),
+        &config,
+    )
+    .expect("merged int8 model");
+    let base_int8 = Whisper::load(
+        Weights::from_dir(&dir, Device::Cpu, Kind::Float)
+            .expect("weights")
+            .with_int8_linears(asr_whisper::linear::DEFAULT_OUTLIER_THRESHOLD),
+        &config,
+    )
+    .expect("int8 base");
+    assert_eq!(merged.weight_bytes(), base_int8.weight_bytes());
+    let merged_model = LoadedModel {
+        model: merged,
+        ..load(Precision::Int8)
+    };
+    let merged_logits = logits(&merged_model);
+
+    let scale = attached_fp32.abs().max().double_value(&[]);
+    let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]) / scale;
+    let merged_vs_attached = diff(&merged_logits, &attached_int8);
+    let int8_vs_fp32 = diff(&attached_int8, &attached_fp32);
+    let merged_vs_fp32 = diff(&merged_logits, &attached_fp32);
+    println!(
+        "logits relative to their scale {scale:.1}: merged int8 vs attached int8 {merged_vs_attached:.2e}, vs attached fp32 {merged_vs_fp32:.2e}; attached int8 vs fp32 {int8_vs_fp32:.2e}"
+    );
+    assert!(
+        merged_vs_fp32 <= 1.5 * int8_vs_fp32 && merged_vs_attached <= 2.0 * int8_vs_fp32,
+        "the merged int8 model is further from the adapter than int8 is from fp32"
+    );
+}

@@ -1,13 +1,15 @@
 //! `asr adapters merge`: fold a LoRA adapter (ours or PEFT's) into the float weights of an HF
-//! model directory, giving a plain model that any Whisper runtime loads (int8 quantises it at
-//! load time like any other model).
+//! model directory, giving a plain model that any Whisper runtime loads; with `--quantize
+//! int8` the merged linear weights are stored int8 (bitsandbytes' layout), which our loader
+//! reads as int8 layers directly.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use asr_whisper::adapter_io::quantize_linears;
 use asr_whisper::weights::read_model_tensors;
 use asr_whisper::{Adapter, Weights, Whisper, WhisperConfig};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use tch::{Device, Kind, Tensor};
 
 #[derive(Subcommand)]
@@ -29,6 +31,15 @@ pub struct MergeArgs {
     /// Replace OUTPUT if it exists.
     #[arg(long)]
     force: bool,
+    /// Store the merged linear weights as int8 (bitsandbytes' layout: int8 weight + SCB),
+    /// about a quarter of the float32 size; any precision loads it.
+    #[arg(long, value_enum)]
+    quantize: Option<QuantizeArg>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum QuantizeArg {
+    Int8,
 }
 
 pub fn run(command: AdaptersCommand) -> anyhow::Result<()> {
@@ -51,11 +62,16 @@ fn merge(args: MergeArgs) -> anyhow::Result<()> {
         Weights::from_dir(&args.model, Device::Cpu, Kind::Float)?,
         &config,
     )?;
-    let adapter = Adapter::load_peft(&args.adapter, &model.linear_sites(), Device::Cpu)
+    let sites = model.linear_sites();
+    let adapter = Adapter::load_peft(&args.adapter, &sites, Device::Cpu)
         .with_context(|| format!("loading the adapter {}", args.adapter.display()))?;
     drop(model);
     let mut tensors = read_model_tensors(&args.model)?;
     adapter.merge_into(&mut tensors)?;
+    if args.quantize.is_some() {
+        let layers: Vec<String> = sites.into_iter().map(|s| s.name).collect();
+        quantize_linears(&mut tensors, &layers)?;
+    }
     std::fs::create_dir_all(&args.output)?;
     // Everything but the weights (config, generation config, tokenizer) is copied as is.
     for entry in std::fs::read_dir(&args.model)? {
@@ -73,10 +89,15 @@ fn merge(args: MergeArgs) -> anyhow::Result<()> {
     Tensor::write_safetensors(&named, &path)
         .with_context(|| format!("writing {}", path.display()))?;
     println!(
-        "merged {} adapted layers of {} into {}",
+        "merged {} adapted layers of {} into {}{}",
         adapter.layers.len(),
         args.adapter.display(),
-        args.output.display()
+        args.output.display(),
+        if args.quantize.is_some() {
+            " (linear weights int8)"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

@@ -130,6 +130,33 @@ fn local_training_runs_the_recipe_and_keeps_the_best_adapter() {
         &[&model, Path::new("--adapter"), &adapter, clip],
     );
     assert!(!text.trim().is_empty());
+    // Merged and stored int8: the linear weights take a quarter of their float bytes (the
+    // 51865 x 512 embedding stays float: 0.55 of the file in all), and it transcribes.
+    let merged = dir.path().join("merged-int8");
+    asr(
+        &["adapters", "merge", "--quantize", "int8", "--model"],
+        &[
+            &model,
+            Path::new("--adapter"),
+            &adapter,
+            Path::new("--output"),
+            &merged,
+        ],
+    );
+    let size = |d: &Path| {
+        std::fs::metadata(d.join("model.safetensors"))
+            .expect("model")
+            .len()
+    };
+    let ratio = size(&merged) as f64 / size(&model) as f64;
+    println!("merged int8 model: {ratio:.2} of the float file");
+    assert!(ratio < 0.6, "{ratio}");
+    let merged_text = asr(
+        &["transcribe", "--local", "--language", "zh", "--model"],
+        &[&merged, clip],
+    );
+    println!("with the adapter: {text}merged int8: {merged_text}");
+    assert!(!merged_text.trim().is_empty());
 
     // Resumed from epoch 1 into another directory, keeping one checkpoint: the second
     // epoch's figures are the straight run's, the same best is chosen, and the checkpoints

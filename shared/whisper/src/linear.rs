@@ -54,12 +54,14 @@ impl Default for Int8Compute {
 impl Int8Weight {
     /// Symmetric per-row absmax quantisation of a float weight `[out, in]`.
     pub fn quantize(weight: &Tensor, outlier_threshold: f64) -> Self {
-        let weight = weight.to_kind(Kind::Float);
-        let scale = (weight.abs().amax([1], true) / 127.0).clamp_min(1e-12);
-        let q = (&weight / &scale)
-            .round()
-            .clamp(-127.0, 127.0)
-            .to_kind(Kind::Int8);
+        let (q, absmax) = quantize_rows(weight);
+        Self::from_stored(&q, &absmax, outlier_threshold)
+    }
+
+    /// A weight stored quantised, in bitsandbytes' serialisation: int8 `q [out, in]` and
+    /// `SCB [out]`, each row's absolute maximum (`w ≈ q * SCB / 127`).
+    pub fn from_stored(q: &Tensor, absmax: &Tensor, outlier_threshold: f64) -> Self {
+        let scale = (absmax.to_kind(Kind::Float) / 127.0).clamp_min(1e-12);
         // `[in, out]`: row-major on the CPU; on CUDA the transposed view of `[out, in]`
         // (column-major), since cuBLASLt's int8 kernels only take that (TN) layout.
         let q_t = if q.device() == Device::Cpu {
@@ -69,7 +71,7 @@ impl Int8Weight {
         };
         Self {
             q_t,
-            scale: scale.squeeze_dim(1),
+            scale,
             outlier_threshold,
             compute: Int8Compute::default(),
         }
@@ -172,6 +174,18 @@ impl Int8Weight {
     }
 }
 
+/// Symmetric per-row absmax quantisation of a float weight `[out, in]`: int8 `q` and each
+/// row's absolute maximum (bitsandbytes' `SCB`), `w ≈ q * absmax / 127`.
+pub fn quantize_rows(weight: &Tensor) -> (Tensor, Tensor) {
+    let weight = weight.to_kind(Kind::Float);
+    let absmax = weight.abs().amax([1], true).clamp_min(1e-12 * 127.0);
+    let q = (&weight * 127.0 / &absmax)
+        .round()
+        .clamp(-127.0, 127.0)
+        .to_kind(Kind::Int8);
+    (q, absmax.squeeze_dim(1))
+}
+
 /// c10::ScalarType's number of the kinds a backward product may use.
 fn scalar_type_code(kind: Kind) -> std::os::raw::c_int {
     match kind {
@@ -221,9 +235,22 @@ impl Linear {
         } else {
             None
         };
-        let weight = match weights.int8_threshold() {
-            Some(threshold) => LinearWeight::Int8(Int8Weight::quantize(&weight, threshold)),
-            None => LinearWeight::Float(weight),
+        let weight = if weight.kind() == Kind::Int8 {
+            // Stored quantised (`asr adapters merge --quantize int8`, bitsandbytes' layout).
+            let absmax = weights.take(&format!("{prefix}.SCB"), &[out_dim])?;
+            let stored = Int8Weight::from_stored(&weight, &absmax, DEFAULT_OUTLIER_THRESHOLD);
+            match weights.int8_threshold() {
+                Some(threshold) => LinearWeight::Int8(Int8Weight {
+                    outlier_threshold: threshold,
+                    ..stored
+                }),
+                None => LinearWeight::Float(stored.dequantize().to_kind(weights.kind())),
+            }
+        } else {
+            match weights.int8_threshold() {
+                Some(threshold) => LinearWeight::Int8(Int8Weight::quantize(&weight, threshold)),
+                None => LinearWeight::Float(weight),
+            }
         };
         Ok(Self {
             name: prefix.to_string(),
