@@ -102,9 +102,10 @@ printf '\n[patch.crates-io]\ntorch-sys = { path = "%s" }\n' "$WORK/torch-sys" >>
 export LIBTORCH="$WORK/torch" LIBTORCH_BYPASS_VERSION_CHECK=1 LIBTORCH_CXX11_ABI=1
 export CARGO_TARGET_DIR="$WORK/target"
 export RUSTFLAGS="-C link-arg=-Wl,--allow-shlib-undefined"
-log "cargo test --no-run (whisper_parity) in $WORK/ws against $LIBTORCH"
+log "cargo test --no-run (whisper_parity) and cargo build (asr) in $WORK/ws against $LIBTORCH"
 (cd "$WORK/ws" && cargo test -p e2e-tests --test whisper_parity --no-run -j "$JOBS" \
     --target "$TARGET" --message-format=json-render-diagnostics >"$WORK/build.json")
+(cd "$WORK/ws" && cargo build -p asr --bin asr -j "$JOBS" --target "$TARGET")
 BIN=$("$PY" - "$WORK/build.json" <<'EOF'
 import json, sys
 for line in open(sys.argv[1]):
@@ -119,10 +120,14 @@ if ! readelf -d "$BIN" | grep -q 'NEEDED.*\[libtorch_cuda.so\]'; then
     exit 1
 fi
 
-# 4. The package: the stripped binary and the script that runs it on the GPU machine.
+# 4. The package: the stripped binaries, whisper-large-v2's config, and the scripts that run
+#    them on the GPU machine.
 mkdir -p .gpu
-rm -f .gpu/whisper_parity
+rm -f .gpu/whisper_parity .gpu/asr
 strip -o .gpu/whisper_parity "$BIN"
+strip -o .gpu/asr "$WORK/target/$TARGET/debug/asr"
+cp "$REPO/../shared/configs/whisper-large-v2.json" .gpu/whisper-large-v2.json 2>/dev/null \
+    || log "no ../shared/configs/whisper-large-v2.json: .gpu/train-speed.sh needs one"
 cat >.gpu/run.sh <<'EOF'
 #!/usr/bin/env bash
 # Made by scripts/gpu-build.sh. On a GPU machine without Rust, from the repository root:
@@ -146,6 +151,12 @@ cat >>.gpu/run.sh <<'EOF'
 ldd .gpu/whisper_parity | grep -E 'libtorch_cuda|libcudart|not found' || true
 exec .gpu/whisper_parity --exact tiny_whisper_cuda_matches_cpu --nocapture --test-threads 1 "$@"
 EOF
-chmod +x .gpu/run.sh .gpu/whisper_parity
+# The training speed of the recipe's setting (whisper-large-v2, random weights, int8 base, LoRA
+# r=4 q/v, batch 4, fp16): `bash .gpu/train-speed.sh` (extra flags go to asr bench train-speed).
+head -n "$(grep -n '^echo "libtorch' .gpu/run.sh | cut -d: -f1)" .gpu/run.sh >.gpu/train-speed.sh
+cat >>.gpu/train-speed.sh <<'EOF'
+exec .gpu/asr bench train-speed --model-config .gpu/whisper-large-v2.json --device cuda "$@"
+EOF
+chmod +x .gpu/run.sh .gpu/train-speed.sh .gpu/whisper_parity .gpu/asr
 log "packed $(du -sh .gpu | cut -f1) in .gpu/ (binary from $BIN)"
-log "on the GPU machine, from the repository root: bash .gpu/run.sh"
+log "on the GPU machine, from the repository root: bash .gpu/run.sh; bash .gpu/train-speed.sh"

@@ -127,7 +127,7 @@ pub enum MixedPrecisionArg {
 }
 
 impl MixedPrecisionArg {
-    fn resolve(self, device: tch::Device) -> MixedPrecision {
+    pub fn resolve(self, device: tch::Device) -> MixedPrecision {
         match self {
             MixedPrecisionArg::No => MixedPrecision::No,
             MixedPrecisionArg::Bf16 => MixedPrecision::Bf16,

@@ -20,6 +20,9 @@ pub struct Weights {
     taken_elements: i64,
     /// Tensors not in the map are made uninitialised (building a model from its config alone).
     uninitialised: bool,
+    /// With `uninitialised`: fill them with normal noise of this standard deviation instead
+    /// (a model to time, whose arithmetic stays finite).
+    random_std: Option<f64>,
 }
 
 /// How the decoder's logits projection, tied to the token embedding, is held. On the CPU it is
@@ -64,6 +67,7 @@ impl Weights {
             output_projection: OutputProjection::Tied,
             taken_elements: 0,
             uninitialised: false,
+            random_std: None,
         }
     }
 
@@ -104,11 +108,27 @@ impl Weights {
         }
     }
 
+    /// No stored tensors: every tensor is normal noise with standard deviation `std` (layer
+    /// norm scales around 1), to measure speed and memory from an HF config alone.
+    pub fn random(device: Device, kind: Kind, std: f64) -> Self {
+        Self {
+            random_std: Some(std),
+            ..Self::uninitialised(device, kind)
+        }
+    }
+
     /// Removes and returns `name`, checking its shape, on the target device and kind.
     pub fn take(&mut self, name: &str, shape: &[i64]) -> anyhow::Result<Tensor> {
         if self.uninitialised && !self.tensors.contains_key(name) {
             self.taken_elements += shape.iter().product::<i64>();
-            return Ok(Tensor::empty(shape, (self.kind, self.device)));
+            return Ok(match self.random_std {
+                // Layer norm scales (`*_layer_norm.weight`, `layer_norm.weight`) near 1.
+                Some(std) if name.ends_with("layer_norm.weight") => {
+                    Tensor::randn(shape, (self.kind, self.device)) * std + 1.0
+                }
+                Some(std) => Tensor::randn(shape, (self.kind, self.device)) * std,
+                None => Tensor::empty(shape, (self.kind, self.device)),
+            });
         }
         let tensor = self
             .tensors

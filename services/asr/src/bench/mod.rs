@@ -3,6 +3,7 @@
 
 mod features;
 mod train;
+mod train_speed;
 mod transcribe;
 
 use std::path::{Path, PathBuf};
@@ -21,6 +22,9 @@ pub enum BenchCommand {
     /// LoRA training: ours (int8 base) vs HF PEFT (fp32) on the espeak training split, with
     /// CER before and after.
     Train(train::TrainBenchArgs),
+    /// Training speed and peak memory of an architecture from its config (random weights):
+    /// the recipe's whisper-large-v2 setting on a GPU.
+    TrainSpeed(train_speed::TrainSpeedArgs),
     /// (internal) One engine of `bench transcribe`, in its own process so its peak RSS is its own.
     #[command(hide = true)]
     TranscribeWorker(transcribe::WorkerArgs),
@@ -31,6 +35,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Features(args) => features::run(args),
         BenchCommand::Transcribe(args) => transcribe::run(args),
         BenchCommand::Train(args) => train::run_bench(args),
+        BenchCommand::TrainSpeed(args) => train_speed::run(args),
         BenchCommand::TranscribeWorker(args) => transcribe::worker(args),
     }
 }
