@@ -614,3 +614,65 @@ fn mixed_precision_training_follows_fp32() {
         }
     }
 }
+
+/// bias "all" (every bias trains: linear layers, layer norms, convolutions) both ways: ours
+/// saved loads in PEFT, PEFT's loads here, with the same logits; the parameter count is
+/// PEFT's.
+#[test]
+fn bias_all_adapters_cross_both_ways() {
+    let mut f = Fixture::new();
+    let base = f.our_logits();
+    tch::manual_seed(8);
+    let config = LoraConfig {
+        bias: LoraBias::All,
+        ..Default::default()
+    };
+    let adapter = Adapter::init(config, &f.model.linear_sites(), Device::Cpu).expect("adapter");
+    assert!(adapter.biases.contains_key("model.encoder.conv1.bias"));
+    assert!(adapter
+        .biases
+        .contains_key("model.decoder.layers.0.encoder_attn_layer_norm.bias"));
+    assert!(adapter
+        .biases
+        .contains_key("model.encoder.layers.0.fc2.bias"));
+    randomise(&adapter, 0.2);
+    f.model.attach(&adapter);
+    let ours = f.our_logits();
+    assert!(max_abs(&ours, &base) > 1e-2);
+    let adapter_dir = f.path("ours-all");
+    adapter
+        .save_peft(Path::new(&adapter_dir), "tiny-random-whisper")
+        .expect("save");
+    let (theirs, printed) = f.peft_logits(&adapter_dir, &f.path("peft-out-all"));
+    let err = max_abs(&ours, &theirs);
+    let (trainable, all) = f.model.parameter_counts();
+    println!(
+        "bias all, ours saved, PEFT loaded: logits max |diff| {err:.2e}\nours: {}\nPEFT (loaded for inference, biases frozen): {}",
+        trainable_parameters_line(trainable, all),
+        printed.trim()
+    );
+    assert!(err <= BOUND, "logits differ by {err}");
+    f.model.detach();
+    assert_eq!(max_abs(&f.our_logits(), &base), 0.0);
+
+    let peft_dir = f.path("peft-made-all");
+    let made = run_reference(
+        "peft_lora.py",
+        &["make", &f.path("model"), &peft_dir],
+        Some(r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "bias": "all"}"#),
+    );
+    let (theirs, _) = f.peft_logits(&peft_dir, &f.path("peft-out-made-all"));
+    let loaded = Adapter::load_peft(Path::new(&peft_dir), &f.model.linear_sites(), Device::Cpu)
+        .expect("load PEFT adapter");
+    assert_eq!(loaded.config.bias, LoraBias::All);
+    f.model.attach(&loaded);
+    let err = max_abs(&f.our_logits(), &theirs);
+    let (trainable, all) = f.model.parameter_counts();
+    let ours_line = trainable_parameters_line(trainable, all);
+    println!("bias all, PEFT saved, ours loaded: logits max |diff| {err:.2e}; {ours_line}");
+    assert!(
+        made.contains(&ours_line),
+        "PEFT printed {made:?}, ours {ours_line}"
+    );
+    assert!(err <= BOUND, "logits differ by {err}");
+}

@@ -7,7 +7,8 @@ usage:
       teacher-forced tokens, and prints PEFT's trainable-parameter line.
   peft_lora.py make MODEL_DIR ADAPTER_DIR < config.json
       makes a PEFT LoRA adapter (LoraConfig from the JSON: r, lora_alpha, target_modules,
-      bias) with random non-zero A, B and biases (seed 5) and saves it with save_pretrained.
+      bias) with random non-zero A, B and biases (seed 5), prints PEFT's trainable-parameter
+      line and saves it with save_pretrained.
 """
 import json
 import os
@@ -37,6 +38,7 @@ def make(model_dir, adapter_dir):
     config = LoraConfig(r=spec["r"], lora_alpha=spec["lora_alpha"], target_modules=spec["target_modules"],
                         lora_dropout=0.0, bias=spec.get("bias", "none"))
     model = get_peft_model(model, config)
+    model.print_trainable_parameters()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name or (param.requires_grad and name.endswith(".bias")):

@@ -69,7 +69,11 @@ fn merge(args: MergeArgs) -> anyhow::Result<()> {
     let mut tensors = read_model_tensors(&args.model)?;
     adapter.merge_into(&mut tensors)?;
     if args.quantize.is_some() {
-        let layers: Vec<String> = sites.into_iter().map(|s| s.name).collect();
+        let layers: Vec<String> = sites
+            .into_iter()
+            .filter(|s| !s.bias_only)
+            .map(|s| s.name)
+            .collect();
         quantize_linears(&mut tensors, &layers)?;
     }
     std::fs::create_dir_all(&args.output)?;

@@ -36,6 +36,8 @@ pub struct LoraArgs {
 #[derive(Clone, Copy, ValueEnum)]
 pub enum BiasArg {
     None,
+    /// Every bias of the model trains (linear layers, layer norms, convolutions).
+    All,
     LoraOnly,
 }
 
@@ -51,6 +53,7 @@ impl LoraArgs {
             },
             bias: match self.lora_bias {
                 BiasArg::None => LoraBias::None,
+                BiasArg::All => LoraBias::All,
                 BiasArg::LoraOnly => LoraBias::LoraOnly,
             },
             use_rslora: self.use_rslora,

@@ -282,6 +282,7 @@ impl Linear {
             in_dim: self.in_dim,
             out_dim: self.out_dim,
             bias: self.bias.as_ref().map(Tensor::shallow_clone),
+            bias_only: false,
         }
     }
 
@@ -375,18 +376,34 @@ pub fn tensor_bytes(t: &Tensor) -> i64 {
 /// Layer norm with learned scale and shift (eps 1e-5 as in Whisper).
 #[derive(Debug)]
 pub struct LayerNorm {
+    /// HF module name (`model.encoder.layers.0.final_layer_norm`).
+    name: String,
     weight: Tensor,
     bias: Tensor,
     dim: i64,
+    /// An adapter's trainable bias that replaces `bias` (bias "all").
+    trainable_bias: Option<Tensor>,
 }
 
 impl LayerNorm {
     pub fn load(weights: &mut Weights, prefix: &str, dim: i64) -> anyhow::Result<Self> {
         Ok(Self {
+            name: prefix.to_string(),
             weight: weights.take(&format!("{prefix}.weight"), &[dim])?,
             bias: weights.take(&format!("{prefix}.bias"), &[dim])?,
             dim,
+            trainable_bias: None,
         })
+    }
+
+    /// Its bias, as an adapter with bias "all" sees it.
+    pub fn site(&self) -> LinearSite {
+        bias_site(&self.name, &self.bias)
+    }
+
+    /// Takes `adapter`'s trainable bias for this layer, if any.
+    pub fn attach(&mut self, adapter: Option<&Adapter>) {
+        self.trainable_bias = adapter.and_then(|a| a.bias_for(&self.name));
     }
 
     pub fn weight_bytes(&self) -> i64 {
@@ -394,13 +411,29 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Tensor {
+        let trained = self
+            .trainable_bias
+            .as_ref()
+            .map(|b| b.to_kind(self.weight.kind()));
         xs.layer_norm(
             [self.dim],
             Some(&self.weight),
-            Some(&self.bias),
+            Some(trained.as_ref().unwrap_or(&self.bias)),
             1e-5,
             false,
         )
+    }
+}
+
+/// The site of a module whose bias alone an adapter can train.
+pub fn bias_site(name: &str, bias: &Tensor) -> LinearSite {
+    let dim = bias.size()[0];
+    LinearSite {
+        name: name.to_string(),
+        in_dim: dim,
+        out_dim: dim,
+        bias: Some(bias.shallow_clone()),
+        bias_only: true,
     }
 }
 

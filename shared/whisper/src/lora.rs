@@ -44,7 +44,7 @@ impl TargetModules {
 pub enum LoraBias {
     #[default]
     None,
-    /// Every bias of the model (PEFT includes layer norms and convolutions; not supported yet).
+    /// Every bias of the model: linear layers, layer norms and convolutions, as PEFT.
     All,
     /// The biases of the adapted layers.
     LoraOnly,
@@ -91,11 +91,6 @@ impl LoraConfig {
             "lora dropout must be in [0, 1), got {}",
             self.dropout
         );
-        anyhow::ensure!(
-            self.bias != LoraBias::All,
-            "lora bias \"all\" is not supported yet (PEFT then trains every bias, layer norms and \
-             convolutions included); use \"none\" or \"lora_only\""
-        );
         if let TargetModules::Regex(pattern) = &self.target_modules {
             regex::Regex::new(pattern)
                 .map_err(|e| anyhow::anyhow!("target_modules regex {pattern:?}: {e}"))?;
@@ -104,7 +99,8 @@ impl LoraConfig {
     }
 }
 
-/// A linear layer's shape and bias, as the adapter sees it.
+/// A layer as the adapter sees it: a linear layer (LoRA and its bias), or a layer norm or
+/// convolution, whose bias alone can train (bias "all").
 #[derive(Debug)]
 pub struct LinearSite {
     /// HF module name, e.g. `model.encoder.layers.0.self_attn.q_proj`.
@@ -112,6 +108,8 @@ pub struct LinearSite {
     pub in_dim: i64,
     pub out_dim: i64,
     pub bias: Option<Tensor>,
+    /// Not a linear layer: never targeted, its bias trains only with bias "all".
+    pub bias_only: bool,
 }
 
 /// One adapted layer's tensors: A `[r, in]`, B `[out, r]` (f32).
@@ -167,7 +165,7 @@ impl Adapter {
         let mut layers = BTreeMap::new();
         let mut biases = BTreeMap::new();
         for site in sites {
-            let targeted = config.target_modules.matches(&site.name);
+            let targeted = !site.bias_only && config.target_modules.matches(&site.name);
             if targeted {
                 let bound = 1.0 / (site.in_dim as f64).sqrt();
                 let a = Tensor::empty([config.r, site.in_dim], (Kind::Float, device))
@@ -230,6 +228,13 @@ impl Adapter {
     /// Elements that train: A, B and the trainable biases.
     pub fn trainable_parameter_count(&self) -> i64 {
         self.lora_parameter_count() + self.biases.values().map(|b| b.numel() as i64).sum::<i64>()
+    }
+
+    /// The trainable bias of module `name` (`{name}.bias`), if any.
+    pub(crate) fn bias_for(&self, name: &str) -> Option<Tensor> {
+        self.biases
+            .get(&format!("{name}.bias"))
+            .map(Tensor::shallow_clone)
     }
 
     /// The layer state for module `name`, if adapted or with a trainable bias.
@@ -338,6 +343,7 @@ mod tests {
             in_dim: 64,
             out_dim: 32,
             bias: Some(Tensor::zeros([32], (Kind::Float, Device::Cpu))),
+            bias_only: false,
         };
         let sites = [site("a.q_proj"), site("a.k_proj"), site("a.v_proj")];
         let adapter = Adapter::init(LoraConfig::default(), &sites, Device::Cpu).expect("init");

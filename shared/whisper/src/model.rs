@@ -8,7 +8,7 @@
 use tch::{Kind, Tensor};
 
 use crate::config::WhisperConfig;
-use crate::linear::{tensor_bytes, LayerNorm, Linear};
+use crate::linear::{bias_site, tensor_bytes, LayerNorm, Linear};
 use crate::lora::{Adapter, LinearSite};
 use crate::weights::{OutputProjection, Weights};
 
@@ -157,6 +157,10 @@ impl EncoderLayer {
         linears
     }
 
+    fn norms_mut(&mut self) -> [&mut LayerNorm; 2] {
+        [&mut self.self_attn_layer_norm, &mut self.final_layer_norm]
+    }
+
     fn forward(&self, xs: &Tensor) -> Tensor {
         let h = self.self_attn_layer_norm.forward(xs);
         let (k, v) = self.self_attn.keys_values(&h);
@@ -176,6 +180,8 @@ pub struct Encoder {
     embed_positions: Tensor,
     layers: Vec<EncoderLayer>,
     layer_norm: LayerNorm,
+    /// An adapter's trainable conv1 / conv2 biases (bias "all").
+    trained_conv_biases: [Option<Tensor>; 2],
 }
 
 impl Encoder {
@@ -194,6 +200,7 @@ impl Encoder {
                 .map(|i| EncoderLayer::load(weights, &format!("model.encoder.layers.{i}"), config))
                 .collect::<anyhow::Result<_>>()?,
             layer_norm: LayerNorm::load(weights, "model.encoder.layer_norm", d)?,
+            trained_conv_biases: [None, None],
         })
     }
 
@@ -243,10 +250,20 @@ impl Encoder {
 
     /// `[B, n_mels, 3000]` normalised log-mel windows -> `[B, 1500, d_model]`.
     pub fn forward(&self, mel: &Tensor) -> Tensor {
+        let kind = self.kind();
+        let [conv1_bias, conv2_bias] = [
+            (&self.trained_conv_biases[0], &self.conv1_bias),
+            (&self.trained_conv_biases[1], &self.conv2_bias),
+        ]
+        .map(|(trained, base)| {
+            trained
+                .as_ref()
+                .map_or_else(|| base.shallow_clone(), |b| b.to_kind(kind))
+        });
         let xs = mel
-            .conv1d(&self.conv1_weight, Some(&self.conv1_bias), [1], [1], [1], 1)
+            .conv1d(&self.conv1_weight, Some(&conv1_bias), [1], [1], [1], 1)
             .gelu("none")
-            .conv1d(&self.conv2_weight, Some(&self.conv2_bias), [2], [1], [1], 1)
+            .conv1d(&self.conv2_weight, Some(&conv2_bias), [2], [1], [1], 1)
             .gelu("none")
             .transpose(1, 2);
         let positions = xs.size()[1];
@@ -310,6 +327,14 @@ impl DecoderLayer {
         linears.extend(self.encoder_attn.linears_mut());
         linears.extend([&mut self.fc1, &mut self.fc2]);
         linears
+    }
+
+    fn norms_mut(&mut self) -> [&mut LayerNorm; 3] {
+        [
+            &mut self.self_attn_layer_norm,
+            &mut self.encoder_attn_layer_norm,
+            &mut self.final_layer_norm,
+        ]
     }
 
     fn forward(&self, xs: &Tensor, cache: &mut LayerCache) -> Tensor {
@@ -541,9 +566,28 @@ impl Whisper {
         linears
     }
 
-    /// The linear layers an adapter can target.
+    /// Every layer norm, in HF order.
+    fn norms_mut(&mut self) -> Vec<&mut LayerNorm> {
+        let mut norms = Vec::new();
+        for layer in &mut self.encoder.layers {
+            norms.extend(layer.norms_mut());
+        }
+        norms.push(&mut self.encoder.layer_norm);
+        for layer in &mut self.decoder.layers {
+            norms.extend(layer.norms_mut());
+        }
+        norms.push(&mut self.decoder.layer_norm);
+        norms
+    }
+
+    /// What an adapter can reach: the linear layers (targets), then the layer norms and the
+    /// encoder's convolutions, whose biases train with bias "all".
     pub fn linear_sites(&mut self) -> Vec<LinearSite> {
-        self.linears_mut().into_iter().map(|l| l.site()).collect()
+        let mut sites: Vec<LinearSite> = self.linears_mut().into_iter().map(|l| l.site()).collect();
+        sites.push(bias_site("model.encoder.conv1", &self.encoder.conv1_bias));
+        sites.push(bias_site("model.encoder.conv2", &self.encoder.conv2_bias));
+        sites.extend(self.norms_mut().into_iter().map(|n| n.site()));
+        sites
     }
 
     /// Makes the adapter's layers part of the forward pass (replacing any attached before).
@@ -551,6 +595,11 @@ impl Whisper {
         for linear in self.linears_mut() {
             linear.attach(Some(adapter));
         }
+        for norm in self.norms_mut() {
+            norm.attach(Some(adapter));
+        }
+        self.encoder.trained_conv_biases =
+            ["model.encoder.conv1", "model.encoder.conv2"].map(|name| adapter.bias_for(name));
         self.adapter_counts = Some((
             adapter.lora_parameter_count(),
             adapter.trainable_parameter_count(),
@@ -575,6 +624,10 @@ impl Whisper {
         for linear in self.linears_mut() {
             linear.attach(None);
         }
+        for norm in self.norms_mut() {
+            norm.attach(None);
+        }
+        self.encoder.trained_conv_biases = [None, None];
         self.adapter_counts = None;
     }
 
