@@ -54,14 +54,19 @@ impl Default for Int8Compute {
 impl Int8Weight {
     /// Symmetric per-row absmax quantisation of a float weight `[out, in]`.
     pub fn quantize(weight: &Tensor, outlier_threshold: f64) -> Self {
-        let (q, absmax) = quantize_rows(weight);
-        Self::from_stored(&q, &absmax, outlier_threshold)
+        let (q, scale) = quantize_with_scale(weight);
+        Self::from_parts(&q, scale.squeeze_dim(1), outlier_threshold)
     }
 
     /// A weight stored quantised, in bitsandbytes' serialisation: int8 `q [out, in]` and
     /// `SCB [out]`, each row's absolute maximum (`w ≈ q * SCB / 127`).
     pub fn from_stored(q: &Tensor, absmax: &Tensor, outlier_threshold: f64) -> Self {
         let scale = (absmax.to_kind(Kind::Float) / 127.0).clamp_min(1e-12);
+        Self::from_parts(q, scale, outlier_threshold)
+    }
+
+    /// int8 `q [out, in]` and the f32 scale of each row `[out]`.
+    fn from_parts(q: &Tensor, scale: Tensor, outlier_threshold: f64) -> Self {
         // `[in, out]`: row-major on the CPU; on CUDA the transposed view of `[out, in]`
         // (column-major), since cuBLASLt's int8 kernels only take that (TN) layout.
         let q_t = if q.device() == Device::Cpu {
@@ -177,13 +182,19 @@ impl Int8Weight {
 /// Symmetric per-row absmax quantisation of a float weight `[out, in]`: int8 `q` and each
 /// row's absolute maximum (bitsandbytes' `SCB`), `w ≈ q * absmax / 127`.
 pub fn quantize_rows(weight: &Tensor) -> (Tensor, Tensor) {
+    let (q, scale) = quantize_with_scale(weight);
+    (q, (scale * 127.0).squeeze_dim(1))
+}
+
+/// int8 `q [out, in]` and the scale `[out, 1]` with `w ≈ q * scale`.
+fn quantize_with_scale(weight: &Tensor) -> (Tensor, Tensor) {
     let weight = weight.to_kind(Kind::Float);
-    let absmax = weight.abs().amax([1], true).clamp_min(1e-12 * 127.0);
-    let q = (&weight * 127.0 / &absmax)
+    let scale = (weight.abs().amax([1], true) / 127.0).clamp_min(1e-12);
+    let q = (&weight / &scale)
         .round()
         .clamp(-127.0, 127.0)
         .to_kind(Kind::Int8);
-    (q, absmax.squeeze_dim(1))
+    (q, scale)
 }
 
 /// c10::ScalarType's number of the kinds a backward product may use.
