@@ -5,6 +5,7 @@ mod bench;
 mod convert;
 mod features;
 mod features_remote;
+mod process;
 mod status;
 mod train;
 mod train_local;

@@ -21,6 +21,7 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use crate::process::peak_rss_bytes;
 use crate::train::LoraArgs;
 use crate::transcribe::{parse_device, TaskArg};
 
@@ -196,18 +197,6 @@ fn adopt_checkpoints(checkpoint: &Path, output: &Path, epochs_done: usize) -> an
         }
     }
     Ok(())
-}
-
-/// VmHWM of this process (0 where /proc is missing).
-fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }
 
 fn default_feature_cache() -> PathBuf {

@@ -2,9 +2,7 @@
 // train. The int8 forward (dynamic activation quantisation, int8 GEMM, float outlier columns)
 // runs in Rust without autograd; this Function passes its output through and, in backward,
 // returns dL/dx = (dL/dy * scale) @ q^T, the gradient of the dequantised weight (as
-// bitsandbytes' int8 matmul does). The weight itself gets no gradient: it is frozen. The
-// backward product runs in `grad_dtype` (float32, or bfloat16 where the CPU multiplies it
-// several times faster, as mixed-precision training does), accumulating into float32.
+// bitsandbytes' int8 matmul does). The weight itself gets no gradient: it is frozen.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -17,10 +15,9 @@ struct Int8LinearGrad : public torch::autograd::Function<Int8LinearGrad> {
   // q_t: int8 [in, out], scale: f32 [out].
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                                const at::Tensor& y, const at::Tensor& q_t,
-                               const at::Tensor& scale, int64_t grad_dtype) {
+                               const at::Tensor& scale) {
     ctx->save_for_backward({q_t, scale});
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
-    ctx->saved_data["grad_dtype"] = grad_dtype;
     return y.clone();
   }
 
@@ -30,20 +27,18 @@ struct Int8LinearGrad : public torch::autograd::Function<Int8LinearGrad> {
     const auto& q_t = saved[0];
     const auto& scale = saved[1];
     auto dtype = static_cast<c10::ScalarType>(ctx->saved_data["x_dtype"].toInt());
-    auto grad_dtype = static_cast<c10::ScalarType>(ctx->saved_data["grad_dtype"].toInt());
-    auto grad = (grad_outputs[0].to(at::kFloat) * scale).to(grad_dtype);
-    auto grad_x = grad.matmul(q_t.to(grad_dtype).t()).to(dtype);
-    return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    auto grad = grad_outputs[0].to(at::kFloat) * scale;
+    auto grad_x = grad.matmul(q_t.to(at::kFloat).t()).to(dtype);
+    return {grad_x, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 }  // namespace
 
 extern "C" at::Tensor* asr_int8_linear_grad(at::Tensor* x, at::Tensor* y, at::Tensor* q_t,
-                                               at::Tensor* scale, int grad_dtype) {
+                                               at::Tensor* scale) {
   try {
-    return new at::Tensor(
-        Int8LinearGrad::apply(*x, *y, *q_t, *scale, static_cast<int64_t>(grad_dtype)));
+    return new at::Tensor(Int8LinearGrad::apply(*x, *y, *q_t, *scale));
   } catch (const std::exception& e) {
     std::fprintf(stderr, "asr_int8_linear_grad: %s\n", e.what());
     return nullptr;

@@ -31,24 +31,16 @@ pub struct Int8Weight {
 }
 
 /// How an int8 layer multiplies (its storage stays int8 either way).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Int8Compute {
     /// LLM.int8: the int8 GEMM after dynamic per-row activation quantisation, outlier
-    /// columns in float; the gradient crosses the layer in `grad_kind` (float32, or bfloat16
-    /// where the CPU multiplies it several times faster).
-    Int8Gemm { grad_kind: Kind },
+    /// columns in float; the gradient crosses the layer in float32.
+    #[default]
+    Int8Gemm,
     /// The weight dequantised to this kind for each product (QLoRA's "compute dtype"): on a
     /// CPU with AVX512-BF16, bfloat16 products in both directions cost less than the int8
     /// path's quantisation passes over the activations.
     Dequantized(Kind),
-}
-
-impl Default for Int8Compute {
-    fn default() -> Self {
-        Self::Int8Gemm {
-            grad_kind: Kind::Float,
-        }
-    }
 }
 
 impl Int8Weight {
@@ -137,7 +129,6 @@ extern "C" {
         y: *mut torch_sys::C_tensor,
         q_t: *mut torch_sys::C_tensor,
         scale: *mut torch_sys::C_tensor,
-        grad_dtype: std::os::raw::c_int,
     ) -> *mut torch_sys::C_tensor;
 }
 
@@ -145,15 +136,12 @@ impl Int8Weight {
     /// [`Self::matmul_t`], differentiable with respect to `x` when `x` needs a gradient (an
     /// adapter below this layer trains).
     fn matmul_t_with_grad(&self, x: &Tensor) -> Tensor {
-        let grad_kind = match self.compute {
-            Int8Compute::Int8Gemm { grad_kind } => grad_kind,
-            Int8Compute::Dequantized(kind) => {
-                let w_t = tch::no_grad(|| {
-                    (self.q_t.to_kind(Kind::Float) * self.scale.unsqueeze(0)).to_kind(kind)
-                });
-                return x.to_kind(kind).matmul(&w_t).to_kind(Kind::Float);
-            }
-        };
+        if let Int8Compute::Dequantized(kind) = self.compute {
+            let w_t = tch::no_grad(|| {
+                (self.q_t.to_kind(Kind::Float) * self.scale.unsqueeze(0)).to_kind(kind)
+            });
+            return x.to_kind(kind).matmul(&w_t).to_kind(Kind::Float);
+        }
         let y = tch::no_grad(|| self.matmul_t(x));
         if !x.requires_grad() {
             return y;
@@ -166,7 +154,6 @@ impl Int8Weight {
                 y.as_ptr() as *mut _,
                 self.q_t.as_ptr() as *mut _,
                 self.scale.as_ptr() as *mut _,
-                scalar_type_code(grad_kind),
             )
         };
         if out.is_null() {
@@ -195,15 +182,6 @@ fn quantize_with_scale(weight: &Tensor) -> (Tensor, Tensor) {
         .clamp(-127.0, 127.0)
         .to_kind(Kind::Int8);
     (q, scale)
-}
-
-/// c10::ScalarType's number of the kinds a backward product may use.
-fn scalar_type_code(kind: Kind) -> std::os::raw::c_int {
-    match kind {
-        Kind::Half => 5,
-        Kind::BFloat16 => 15,
-        _ => 6, // Float
-    }
 }
 
 /// `_int_mm` with the shape rules of the CUDA kernel met (more than 16 rows, K and N

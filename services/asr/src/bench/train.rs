@@ -7,12 +7,14 @@
 //! after, and the AISHELL clips' transcripts before and after.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use asr_whisper::dataset::read_manifest;
 use clap::Args;
 use serde::Deserialize;
+
+use crate::process::run_child;
 
 #[derive(Args)]
 pub struct TrainBenchArgs {
@@ -42,7 +44,8 @@ pub struct TrainBenchArgs {
     work_dir: Option<PathBuf>,
 }
 
-/// What each side reports.
+/// What each side reports (`peft_train.py` prints it as JSON).
+#[derive(Deserialize)]
 struct Outcome {
     samples_per_second: f64,
     peak_rss_bytes: u64,
@@ -72,41 +75,8 @@ struct EpochFigures {
 }
 
 #[derive(Deserialize)]
-struct PeftOutcome {
-    samples_per_second: f64,
-    peak_rss_bytes: u64,
-    cer_before: f64,
-    cer_after: f64,
-    extra_before: Vec<String>,
-    extra_after: Vec<String>,
-}
-
-#[derive(Deserialize)]
 struct Transcribed {
     text: String,
-}
-
-fn run(command: &mut Command, input: Option<String>) -> anyhow::Result<String> {
-    use std::io::Write;
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {command:?}"))?;
-    if let Some(input) = input {
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(input.as_bytes())?;
-    }
-    drop(child.stdin.take());
-    let output = child.wait_with_output()?;
-    if !output.status.success() {
-        bail!("{command:?} failed ({})", output.status);
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 fn transcribe(
@@ -132,7 +102,7 @@ fn transcribe(
         command.arg("--adapter").arg(adapter);
     }
     // One file prints an object, several an array.
-    let value: serde_json::Value = serde_json::from_str(&run(&mut command, None)?)?;
+    let value: serde_json::Value = serde_json::from_str(&run_child(&mut command, None, true)?)?;
     let results: Vec<Transcribed> = match value {
         serde_json::Value::Array(_) => serde_json::from_value(value)?,
         single => vec![serde_json::from_value(single)?],
@@ -169,7 +139,7 @@ fn ours(
     if let Some(n) = args.max_test {
         command.args(["--max-eval-examples", &n.to_string()]);
     }
-    let log = run(&mut command, None)?;
+    let log = run_child(&mut command, None, true)?;
     print!("{log}");
     let summary: OursSummary = serde_json::from_str(
         &std::fs::read_to_string(output.join("train_summary.json"))
@@ -200,23 +170,16 @@ fn peft(args: &TrainBenchArgs, extra: &[PathBuf]) -> anyhow::Result<Outcome> {
         "batch_size": 4, "grad_accum": 1, "lr": 1e-3, "r": 4, "alpha": 64, "dropout": 0.05,
         "seed": 42, "threads": args.threads, "generation_max_length": 96,
     });
-    let stdout = run(
+    let stdout = run_child(
         Command::new(&args.python).arg("tests/reference/peft_train.py"),
-        Some(job.to_string()),
+        Some(&job.to_string()),
+        true,
     )?;
     let line = stdout
         .lines()
         .last()
         .context("no output from peft_train.py")?;
-    let p: PeftOutcome = serde_json::from_str(line)?;
-    Ok(Outcome {
-        samples_per_second: p.samples_per_second,
-        peak_rss_bytes: p.peak_rss_bytes,
-        cer_before: p.cer_before,
-        cer_after: p.cer_after,
-        extra_before: p.extra_before,
-        extra_after: p.extra_after,
-    })
+    Ok(serde_json::from_str(line)?)
 }
 
 pub fn run_bench(args: TrainBenchArgs) -> anyhow::Result<()> {

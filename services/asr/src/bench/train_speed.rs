@@ -17,6 +17,7 @@ use asr_whisper::{Adapter, Weights, Whisper, WhisperConfig};
 use clap::Args;
 use tch::Kind;
 
+use crate::process::peak_rss_bytes;
 use crate::train::LoraArgs;
 use crate::train_local::{BasePrecision, MixedPrecisionArg};
 use crate::transcribe::parse_device;
@@ -200,20 +201,9 @@ pub fn run(args: TrainSpeedArgs) -> anyhow::Result<()> {
         seconds / args.steps as f64,
         match gpu_peak {
             Some(mib) => format!("GPU memory {mib} MiB (nvidia-smi)"),
-            None => format!("RSS {:.0} MB", peak_rss_mb()),
+            None => format!("RSS {:.0} MB", peak_rss_bytes() as f64 / (1024.0 * 1024.0)),
         }
     );
     println!("reference: the notebook reached 2.99 samples/s (whisper-large-v2, int8 + LoRA, fp16, batch 4, on its GPU)");
     Ok(())
-}
-
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
 }

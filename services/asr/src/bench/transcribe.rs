@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use asr_audio::{LogMelExtractor, MelConfig};
 use asr_whisper::metrics::cer;
 use asr_whisper::{DecodeOptions, LoadOptions, LoadedModel, OutputProjection, Precision};
@@ -15,6 +15,7 @@ use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use super::decode;
+use crate::process::{peak_rss_bytes, run_child};
 
 #[derive(Args)]
 pub struct TranscribeBenchArgs {
@@ -178,44 +179,8 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// VmHWM of this process.
-fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|kb| kb.parse::<u64>().ok())
-            })
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
 fn run_process(command: &mut Command, stdin: Option<String>) -> anyhow::Result<EngineRun> {
-    use std::io::Write;
-    let mut child = command
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {command:?}"))?;
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(input.as_bytes())?;
-    }
-    drop(child.stdin.take());
-    let output = child.wait_with_output()?;
-    if !output.status.success() {
-        bail!(
-            "{command:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = run_child(command, stdin.as_deref(), false)?;
     let line = stdout.lines().last().context("no output")?;
     Ok(serde_json::from_str(line)?)
 }
