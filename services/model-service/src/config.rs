@@ -18,7 +18,9 @@ pub enum Precision {
 
 #[derive(Debug, Clone, Args)]
 pub struct ModelServiceConfig {
-    /// HF-layout Whisper directory (config.json, model.safetensors, tokenizer.json).
+    /// HF-layout Whisper directory (config.json, model.safetensors, tokenizer.json), loaded
+    /// at start (`asr convert` makes one). Without it the service runs without a model:
+    /// Transcribe and LoadAdapter answer FAILED_PRECONDITION.
     #[arg(long, env = "ASR_MODEL")]
     pub model: Option<PathBuf>,
     /// Base model precision.
@@ -43,6 +45,15 @@ pub struct ModelServiceConfig {
     /// closed, in seconds.
     #[arg(long, env = "ASR_DRAIN_SECONDS", default_value_t = 30.0)]
     pub drain_seconds: f64,
+    /// Most windows the scheduler decodes as one batch (across streams).
+    #[arg(long, env = "ASR_MAX_BATCH_WINDOWS", default_value_t = 8)]
+    pub max_batch_windows: usize,
+    /// Windows of one stream decoding at once (after its language is known).
+    #[arg(long, env = "ASR_WINDOWS_IN_FLIGHT", default_value_t = 4)]
+    pub windows_in_flight: usize,
+    /// Adapters held in memory at once.
+    #[arg(long, env = "ASR_MAX_LOADED_ADAPTERS", default_value_t = 8)]
+    pub max_loaded_adapters: usize,
     /// Longest audio per Transcribe stream, in seconds.
     #[arg(long, env = "ASR_MAX_AUDIO_SECONDS", default_value_t = 4.0 * 3600.0)]
     pub max_audio_seconds: f64,
@@ -58,6 +69,9 @@ impl Default for ModelServiceConfig {
             queue_capacity: 64,
             max_concurrent_streams: 32,
             max_message_bytes: 4 * 1024 * 1024,
+            max_batch_windows: 8,
+            windows_in_flight: 4,
+            max_loaded_adapters: 8,
             max_audio_seconds: 4.0 * 3600.0,
             drain_seconds: 30.0,
         }

@@ -1,14 +1,21 @@
 //! The model service: Whisper (int8, with LoRA adapters) on libtorch behind gRPC.
 //!
-//! This version serves the API surface, health and reflection, picks the compute device and
-//! reports it; Transcribe, datasets, training and adapters arrive with the model core
-//! (issues 3-5) and answer UNIMPLEMENTED until then.
+//! - [`engine`]: the batching scheduler, one thread owning the model;
+//! - [`transcribe`]: one Transcribe stream (windows, partial results, segments);
+//! - [`options`]: request options validated into decoding settings;
+//! - [`registry`]: the adapter registry on disk;
+//! - [`server`]: the gRPC surface. Datasets and training jobs answer UNIMPLEMENTED until
+//!   they land (issue 5).
 
 pub mod config;
 pub mod device;
+pub mod engine;
 pub mod error;
+pub mod options;
+pub mod registry;
 pub mod server;
+pub mod transcribe;
 
 pub use config::{ModelServiceConfig, Precision};
 pub use error::ModelError;
-pub use server::{serve, ModelServer};
+pub use server::{serve, serve_server, ModelServer};

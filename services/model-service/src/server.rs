@@ -1,27 +1,44 @@
 //! The ModelService gRPC server, with grpc.health.v1 and server reflection.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use asr_proto::v1 as pb;
+use asr_whisper::Precision as CorePrecision;
 use futures::Stream;
 use pb::model_service_server::{ModelService, ModelServiceServer};
 use tch::Device;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::{ModelServiceConfig, Precision};
 use crate::device;
+use crate::engine::{Engine, EngineConfig, EngineState};
 use crate::error::ModelError;
+use crate::options::{ModelFacts, StreamOptions, MAX_BEAM_SIZE};
+use crate::registry::{validate_name, Registry};
+use crate::transcribe::{self, AdapterUse, StreamContext};
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 type RpcResult<T> = Result<Response<T>, Status>;
+
+/// Events buffered per Transcribe stream before the decoder waits for the client.
+const EVENTS_BUFFERED: usize = 32;
 
 #[derive(Clone)]
 pub struct ModelServer {
     config: Arc<ModelServiceConfig>,
     device: Device,
+    engine: Option<Engine>,
+    registry: Registry,
+    streams: Arc<Semaphore>,
+    /// Transcribe streams using each adapter (DeleteAdapter refuses while in use).
+    adapter_users: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl ModelServer {
@@ -31,6 +48,16 @@ impl ModelServer {
                 "--drain-seconds must be 0 or more".into(),
             ));
         }
+        for (value, flag) in [
+            (config.queue_capacity, "--queue-capacity"),
+            (config.max_concurrent_streams, "--max-concurrent-streams"),
+            (config.max_batch_windows, "--max-batch-windows"),
+            (config.windows_in_flight, "--windows-in-flight"),
+        ] {
+            if value == 0 {
+                return Err(ModelError::Config(format!("{flag} must be at least 1")));
+            }
+        }
         let device = device::select(&config.device)?;
         if matches!(config.precision, Precision::Fp16 | Precision::Bf16) && device == Device::Cpu {
             return Err(ModelError::Config(format!(
@@ -39,9 +66,29 @@ impl ModelServer {
             )));
         }
         tracing::info!(device = %device::describe(device), precision = ?config.precision, "model service device");
+        let registry = Registry::open(&config.data_root)?;
+        let engine = config.model.as_ref().map(|dir| {
+            Engine::start(EngineConfig {
+                model_dir: dir.clone(),
+                precision: match config.precision {
+                    Precision::Int8 => CorePrecision::Int8,
+                    Precision::Fp32 => CorePrecision::Fp32,
+                    Precision::Fp16 => CorePrecision::Fp16,
+                    Precision::Bf16 => CorePrecision::Bf16,
+                },
+                device,
+                queue_capacity: config.queue_capacity,
+                max_batch_windows: config.max_batch_windows,
+                max_loaded_adapters: config.max_loaded_adapters,
+            })
+        });
         Ok(Self {
+            streams: Arc::new(Semaphore::new(config.max_concurrent_streams)),
             config: Arc::new(config),
             device,
+            engine,
+            registry,
+            adapter_users: Arc::default(),
         })
     }
 
@@ -52,6 +99,11 @@ impl ModelServer {
             .max_encoding_message_size(limit)
     }
 
+    /// The scheduler, once a model was configured.
+    pub fn engine(&self) -> Result<&Engine, ModelError> {
+        self.engine.as_ref().ok_or(ModelError::NoModel)
+    }
+
     fn weight_precision(&self) -> pb::Precision {
         match self.config.precision {
             Precision::Int8 => pb::Precision::Int8,
@@ -59,6 +111,97 @@ impl ModelServer {
             Precision::Fp16 => pb::Precision::Fp16,
             Precision::Bf16 => pb::Precision::Bf16,
         }
+    }
+
+    fn compute_precision(&self) -> pb::Precision {
+        match self.config.precision {
+            Precision::Int8 | Precision::Fp32 => pb::Precision::Fp32,
+            Precision::Fp16 => pb::Precision::Fp16,
+            Precision::Bf16 => pb::Precision::Bf16,
+        }
+    }
+
+    /// An adapter's registry entry with its `loaded` flag.
+    fn adapter_info(&self, name: &str) -> Result<pb::AdapterInfo, ModelError> {
+        let mut info = self.registry.get(name)?.info;
+        info.loaded = self.engine.as_ref().is_some_and(|e| e.is_loaded(name));
+        Ok(info)
+    }
+
+    async fn start_transcribe(
+        &self,
+        request: Request<Streaming<pb::TranscribeFramesRequest>>,
+    ) -> Result<ResponseStream<pb::TranscribeResponse>, ModelError> {
+        let started = Instant::now();
+        let engine = self.engine()?.clone();
+        let model = engine.ready()?;
+        let permit =
+            self.streams
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| ModelError::LimitReached {
+                    limit: "max_concurrent_streams",
+                    value: self.config.max_concurrent_streams.to_string(),
+                    hint: "too many Transcribe streams; retry later",
+                })?;
+        let mut inbound = request.into_inner();
+        let config = match inbound.message().await.map_err(ModelError::ClientStream)? {
+            Some(pb::TranscribeFramesRequest {
+                payload: Some(pb::transcribe_frames_request::Payload::Config(config)),
+            }) => config,
+            Some(_) => return Err(ModelError::ConfigNotFirst),
+            None => return Err(ModelError::MissingConfig),
+        };
+        let n_mels = if config.n_mels == 0 {
+            80
+        } else {
+            config.n_mels as usize
+        };
+        if n_mels != model.n_mels {
+            return Err(ModelError::invalid(
+                "config.n_mels",
+                format!("{n_mels}: this model takes {} mel bins", model.n_mels),
+            ));
+        }
+        let options = StreamOptions::from_proto(
+            config.options,
+            &ModelFacts {
+                languages: &model.languages,
+                vocab_size: model.vocab_size,
+            },
+        )?;
+        let adapter_use = match &options.adapter {
+            Some(choice) => {
+                if !self.registry.exists(&choice.name) {
+                    return Err(ModelError::NotFound {
+                        what: "adapter",
+                        name: choice.name.clone(),
+                    });
+                }
+                if !engine.is_loaded(&choice.name) {
+                    return Err(ModelError::FailedPrecondition(format!(
+                        "adapter {:?} is not loaded (LoadAdapter first)",
+                        choice.name
+                    )));
+                }
+                Some(AdapterUse::new(self.adapter_users.clone(), &choice.name))
+            }
+            None => None,
+        };
+        let context = StreamContext {
+            engine,
+            model,
+            options,
+            precision: self.weight_precision(),
+            max_audio_seconds: self.config.max_audio_seconds,
+            windows_in_flight: self.config.windows_in_flight,
+            started,
+            _permit: permit,
+            _adapter_use: adapter_use,
+        };
+        let (events, responses) = mpsc::channel(EVENTS_BUFFERED);
+        tokio::spawn(transcribe::run(context, inbound, events));
+        Ok(Box::pin(ReceiverStream::new(responses)))
     }
 }
 
@@ -72,11 +215,12 @@ impl ModelService for ModelServer {
     type IngestExamplesStream = ResponseStream<pb::IngestAck>;
     type WatchTrainingStream = ResponseStream<pb::TrainingEvent>;
 
+    #[tracing::instrument(name = "Transcribe", skip_all, fields(remote = ?request.remote_addr()))]
     async fn transcribe(
         &self,
-        _: Request<Streaming<pb::TranscribeFramesRequest>>,
+        request: Request<Streaming<pb::TranscribeFramesRequest>>,
     ) -> RpcResult<Self::TranscribeStream> {
-        later("Transcribe")
+        Ok(Response::new(self.start_transcribe(request).await?))
     }
 
     async fn get_model_info(
@@ -84,21 +228,45 @@ impl ModelService for ModelServer {
         _: Request<pb::GetModelInfoRequest>,
     ) -> RpcResult<pb::ModelInfo> {
         let config = &self.config;
-        // Until the model core lands no weights are loaded: the model fields stay empty.
-        Ok(Response::new(pb::ModelInfo {
+        let mut info = pb::ModelInfo {
             version: env!("CARGO_PKG_VERSION").to_string(),
             device: device::describe(self.device),
             weight_precision: self.weight_precision() as i32,
+            compute_precision: self.compute_precision() as i32,
             limits: Some(pb::ModelLimits {
                 queue_capacity: config.queue_capacity as u32,
                 max_concurrent_streams: config.max_concurrent_streams as u32,
                 max_frames_per_window: 3000,
+                max_beam_size: MAX_BEAM_SIZE,
+                max_target_positions: 448,
+                max_loaded_adapters: config.max_loaded_adapters as u32,
                 max_message_bytes: config.max_message_bytes as u64,
                 max_audio_seconds: config.max_audio_seconds,
-                ..Default::default()
             }),
             ..Default::default()
-        }))
+        };
+        // Without a model the service still answers (adapters, datasets); with one that is
+        // loading it is UNAVAILABLE.
+        if let Some(engine) = &self.engine {
+            match engine.state() {
+                EngineState::Ready(model) => {
+                    info.model_name = model.name.clone();
+                    info.n_mels = model.n_mels as u32;
+                    info.vocab_size = model.vocab_size;
+                    info.multilingual = model.multilingual;
+                    info.languages = model.languages.clone();
+                    info.encoder_layers = model.encoder_layers as u32;
+                    info.decoder_layers = model.decoder_layers as u32;
+                    info.d_model = model.d_model as u32;
+                    if let Some(limits) = info.limits.as_mut() {
+                        limits.max_target_positions = model.max_target_positions as u32;
+                    }
+                }
+                EngineState::Loading => return Err(ModelError::Loading.into()),
+                EngineState::Failed(reason) => return Err(ModelError::LoadFailed(reason).into()),
+            }
+        }
+        Ok(Response::new(info))
     }
 
     async fn ingest_examples(
@@ -163,31 +331,115 @@ impl ModelService for ModelServer {
 
     async fn list_adapters(
         &self,
-        _: Request<pb::ListAdaptersRequest>,
+        request: Request<pb::ListAdaptersRequest>,
     ) -> RpcResult<pb::ListAdaptersResponse> {
-        later("ListAdapters")
+        let request = request.into_inner();
+        let page_size = match request.page_size {
+            0 => 100,
+            n => n.min(1000) as usize,
+        };
+        if !request.page_token.is_empty() {
+            validate_name(&request.page_token, "page_token")?;
+        }
+        let loaded = self
+            .engine
+            .as_ref()
+            .map(Engine::loaded_adapters)
+            .unwrap_or_default();
+        let mut adapters: Vec<pb::AdapterInfo> = self
+            .registry
+            .list()?
+            .into_iter()
+            .filter(|a| request.page_token.is_empty() || a.name > request.page_token)
+            .map(|a| {
+                let mut info = a.info;
+                info.loaded = loaded.contains(&a.name);
+                info
+            })
+            .filter(|info| !request.loaded_only || info.loaded)
+            .take(page_size + 1)
+            .collect();
+        let next_page_token = if adapters.len() > page_size {
+            adapters.truncate(page_size);
+            adapters.last().map(|a| a.name.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListAdaptersResponse {
+            adapters,
+            next_page_token,
+        }))
     }
 
-    async fn get_adapter(&self, _: Request<pb::GetAdapterRequest>) -> RpcResult<pb::AdapterInfo> {
-        later("GetAdapter")
+    async fn get_adapter(
+        &self,
+        request: Request<pb::GetAdapterRequest>,
+    ) -> RpcResult<pb::AdapterInfo> {
+        Ok(Response::new(
+            self.adapter_info(&request.into_inner().name)?,
+        ))
     }
 
-    async fn load_adapter(&self, _: Request<pb::LoadAdapterRequest>) -> RpcResult<pb::AdapterInfo> {
-        later("LoadAdapter")
+    async fn load_adapter(
+        &self,
+        request: Request<pb::LoadAdapterRequest>,
+    ) -> RpcResult<pb::AdapterInfo> {
+        let request = request.into_inner();
+        validate_name(&request.name, "name")?;
+        let engine = self.engine()?;
+        engine.ready()?;
+        let stored = if request.source_dir.is_empty() {
+            self.registry.get(&request.name)?
+        } else {
+            let registry = self.registry.clone();
+            let (name, source) = (
+                request.name.clone(),
+                std::path::PathBuf::from(&request.source_dir),
+            );
+            tokio::task::spawn_blocking(move || registry.import(&name, &source))
+                .await
+                .map_err(ModelError::internal)??
+        };
+        engine.load_adapter(&stored.name, stored.dir).await?;
+        tracing::info!(adapter = %request.name, "adapter loaded");
+        Ok(Response::new(self.adapter_info(&request.name)?))
     }
 
     async fn unload_adapter(
         &self,
-        _: Request<pb::UnloadAdapterRequest>,
+        request: Request<pb::UnloadAdapterRequest>,
     ) -> RpcResult<pb::AdapterInfo> {
-        later("UnloadAdapter")
+        let name = request.into_inner().name;
+        self.registry.get(&name)?;
+        if let Some(engine) = &self.engine {
+            engine.unload_adapter(&name).await?;
+        }
+        Ok(Response::new(self.adapter_info(&name)?))
     }
 
     async fn delete_adapter(
         &self,
-        _: Request<pb::DeleteAdapterRequest>,
+        request: Request<pb::DeleteAdapterRequest>,
     ) -> RpcResult<pb::DeleteAdapterResponse> {
-        later("DeleteAdapter")
+        let name = request.into_inner().name;
+        self.registry.get(&name)?;
+        let users = self
+            .adapter_users
+            .lock()
+            .map(|u| u.get(&name).copied().unwrap_or(0))
+            .unwrap_or(0);
+        if users > 0 {
+            return Err(ModelError::FailedPrecondition(format!(
+                "adapter {name:?} is used by {users} Transcribe stream(s)"
+            ))
+            .into());
+        }
+        if let Some(engine) = &self.engine {
+            engine.unload_adapter(&name).await?;
+        }
+        self.registry.delete(&name)?;
+        tracing::info!(adapter = %name, "adapter deleted");
+        Ok(Response::new(pb::DeleteAdapterResponse {}))
     }
 
     async fn merge_adapters(
@@ -204,8 +456,18 @@ pub async fn serve(
     config: ModelServiceConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let grace = std::time::Duration::from_secs_f64(config.drain_seconds);
     let server = ModelServer::new(config)?;
+    serve_server(listener, server, shutdown).await
+}
+
+/// [`serve`] with a server built by the caller (who may keep a clone, e.g. to read the
+/// scheduler's counters).
+pub async fn serve_server(
+    listener: TcpListener,
+    server: ModelServer,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let grace = std::time::Duration::from_secs_f64(server.config.drain_seconds);
     let router =
         asr_runtime::router_with_health_and_reflection::<ModelServiceServer<ModelServer>>()
             .await?

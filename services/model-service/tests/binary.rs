@@ -20,7 +20,10 @@ impl Drop for KillOnDrop {
 
 #[tokio::test]
 async fn binary_runs_without_library_path_and_stops_on_sigterm() {
+    let data_root = tempfile::tempdir().expect("tempdir");
     let child = Command::new(env!("CARGO_BIN_EXE_model-service"))
+        .arg("--data-root")
+        .arg(data_root.path())
         .args([
             "--listen",
             "127.0.0.1:0",
@@ -80,11 +83,22 @@ async fn binary_runs_without_library_path_and_stops_on_sigterm() {
         .into_inner();
     assert_eq!(info.device, "cpu");
     assert_eq!(info.weight_precision, pb::Precision::Int8 as i32);
-    let unimplemented = ModelServiceClient::new(channel.clone())
+    // Without --model the registry answers, and what needs the model says how to get one.
+    let adapters = ModelServiceClient::new(channel.clone())
         .list_adapters(pb::ListAdaptersRequest::default())
         .await
-        .expect_err("adapters arrive with a later version");
-    assert_eq!(unimplemented.code(), tonic::Code::Unimplemented);
+        .expect("the registry works without a model")
+        .into_inner();
+    assert!(adapters.adapters.is_empty());
+    let no_model = ModelServiceClient::new(channel.clone())
+        .load_adapter(pb::LoadAdapterRequest {
+            name: "any".into(),
+            source_dir: String::new(),
+        })
+        .await
+        .expect_err("no model");
+    assert_eq!(no_model.code(), tonic::Code::FailedPrecondition);
+    assert!(no_model.message().contains("--model"), "{no_model:?}");
 
     // The client keeps its connection open: the drain deadline must still let the process go.
     let killed = Command::new("kill")

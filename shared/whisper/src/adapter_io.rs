@@ -56,6 +56,41 @@ fn default_true() -> bool {
     true
 }
 
+/// What `adapter_config.json` says, for listing an adapter without loading its tensors.
+#[derive(Debug, Clone)]
+pub struct PeftAdapterInfo {
+    pub config: LoraConfig,
+    /// `base_model_name_or_path`.
+    pub base_model: Option<String>,
+}
+
+/// Reads and checks `dir/adapter_config.json` (a LoRA config we can serve).
+pub fn read_peft_config(dir: &Path) -> anyhow::Result<PeftAdapterInfo> {
+    let config_path = dir.join(CONFIG_FILE);
+    let file: PeftConfigFile = serde_json::from_str(
+        &std::fs::read_to_string(&config_path)
+            .with_context(|| format!("reading {}", config_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", config_path.display()))?;
+    anyhow::ensure!(
+        file.peft_type == "LORA",
+        "{}: peft_type {} is not LORA",
+        config_path.display(),
+        file.peft_type
+    );
+    Ok(PeftAdapterInfo {
+        config: LoraConfig {
+            r: file.r,
+            alpha: file.lora_alpha,
+            dropout: file.lora_dropout,
+            target_modules: file.target_modules,
+            bias: file.bias,
+            use_rslora: file.use_rslora,
+        },
+        base_model: file.base_model_name_or_path,
+    })
+}
+
 impl Adapter {
     /// Writes the adapter as PEFT does (`base_model` goes to `base_model_name_or_path`).
     pub fn save_peft(&self, dir: &Path, base_model: &str) -> anyhow::Result<()> {

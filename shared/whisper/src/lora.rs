@@ -230,6 +230,49 @@ impl Adapter {
         self.lora_parameter_count() + self.biases.values().map(|b| b.numel() as i64).sum::<i64>()
     }
 
+    /// This adapter with its effect scaled by `scale` (0: the base model, 1: the adapter as
+    /// trained): B scaled, and each trained bias moved that fraction of the way from the base
+    /// bias of `sites`. Shares A with `self`; for per-request adapter strength at inference.
+    pub fn scaled(&self, scale: f64, sites: &[LinearSite]) -> Adapter {
+        let layers = self
+            .layers
+            .iter()
+            .map(|(name, w)| {
+                (
+                    name.clone(),
+                    LoraWeights {
+                        a: w.a.shallow_clone(),
+                        b: (&w.b * scale).detach(),
+                    },
+                )
+            })
+            .collect();
+        let biases = self
+            .biases
+            .iter()
+            .map(|(key, trained)| {
+                let base = sites
+                    .iter()
+                    .find(|s| format!("{}.bias", s.name) == *key)
+                    .and_then(|s| s.bias.as_ref());
+                let value = match base {
+                    Some(base) => {
+                        let base = base.to_kind(Kind::Float);
+                        (&base + (trained - &base) * scale).detach()
+                    }
+                    None => (trained * scale).detach(),
+                };
+                (key.clone(), value)
+            })
+            .collect();
+        Adapter {
+            config: self.config.clone(),
+            layers,
+            biases,
+            training: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
     /// The trainable bias of module `name` (`{name}.bias`), if any.
     pub(crate) fn bias_for(&self, name: &str) -> Option<Tensor> {
         self.biases
