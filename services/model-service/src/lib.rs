@@ -3,14 +3,17 @@
 //! - [`engine`]: the batching scheduler, one thread owning the model;
 //! - [`transcribe`]: one Transcribe stream (windows, partial results, segments);
 //! - [`options`]: request options validated into decoding settings;
-//! - [`registry`]: the adapter registry on disk;
+//! - [`registry`]: the adapter registry on disk; [`datasets`], [`ingest`]: the dataset
+//!   store and IngestExamples;
 //! - [`server`]: the gRPC surface. Datasets and training jobs answer UNIMPLEMENTED until
 //!   they land (issue 5).
 
 pub mod config;
+pub mod datasets;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod ingest;
 pub mod options;
 pub mod registry;
 pub mod server;

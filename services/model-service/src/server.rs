@@ -17,9 +17,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::{ModelServiceConfig, Precision};
+use crate::datasets::DatasetStore;
 use crate::device;
 use crate::engine::{Engine, EngineConfig, EngineState};
 use crate::error::ModelError;
+use crate::ingest::{self, IngestContext, Ingesting, LabelChecker};
 use crate::options::{ModelFacts, StreamOptions, MAX_BEAM_SIZE};
 use crate::registry::{validate_name, Registry};
 use crate::transcribe::{self, AdapterUse, StreamContext};
@@ -36,6 +38,10 @@ pub struct ModelServer {
     device: Device,
     engine: Option<Engine>,
     registry: Registry,
+    datasets: DatasetStore,
+    /// Tokenizer and prompt of the model, to refuse transcripts too long to train on.
+    labels: Option<Arc<LabelChecker>>,
+    ingesting: Ingesting,
     streams: Arc<Semaphore>,
     /// Transcribe streams using each adapter (DeleteAdapter refuses while in use).
     adapter_users: Arc<Mutex<HashMap<String, usize>>>,
@@ -67,6 +73,13 @@ impl ModelServer {
         }
         tracing::info!(device = %device::describe(device), precision = ?config.precision, "model service device");
         let registry = Registry::open(&config.data_root)?;
+        let datasets = DatasetStore::open(&config.data_root)?;
+        let labels = match &config.model {
+            Some(dir) => Some(Arc::new(LabelChecker::load(dir).map_err(|e| {
+                ModelError::Config(format!("reading the tokenizer of {}: {e:#}", dir.display()))
+            })?)),
+            None => None,
+        };
         let engine = config.model.as_ref().map(|dir| {
             Engine::start(EngineConfig {
                 model_dir: dir.clone(),
@@ -88,6 +101,9 @@ impl ModelServer {
             device,
             engine,
             registry,
+            datasets,
+            labels,
+            ingesting: Arc::default(),
             adapter_users: Arc::default(),
         })
     }
@@ -271,27 +287,91 @@ impl ModelService for ModelServer {
 
     async fn ingest_examples(
         &self,
-        _: Request<Streaming<pb::IngestExamplesRequest>>,
+        request: Request<Streaming<pb::IngestExamplesRequest>>,
     ) -> RpcResult<Self::IngestExamplesStream> {
-        later("IngestExamples")
+        let engine = self.engine()?;
+        let model = engine.ready()?;
+        let labels = self.labels.clone().ok_or(ModelError::NoModel)?;
+        let context = IngestContext {
+            store: self.datasets.clone(),
+            model,
+            labels: labels.clone(),
+            ingesting: self.ingesting.clone(),
+        };
+        let mut inbound = request.into_inner();
+        let (appender, split, guard) = ingest::open(&context, &mut inbound).await?;
+        let (acks, responses) = mpsc::channel(EVENTS_BUFFERED);
+        tokio::spawn(ingest::run(labels, appender, split, guard, inbound, acks));
+        Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
     }
 
     async fn list_datasets(
         &self,
-        _: Request<pb::ListDatasetsRequest>,
+        request: Request<pb::ListDatasetsRequest>,
     ) -> RpcResult<pb::ListDatasetsResponse> {
-        later("ListDatasets")
+        let request = request.into_inner();
+        let page_size = match request.page_size {
+            0 => 100,
+            n => n.min(1000) as usize,
+        };
+        if !request.page_token.is_empty() {
+            validate_name(&request.page_token, "page_token")?;
+        }
+        let store = self.datasets.clone();
+        let token = request.page_token.clone();
+        let mut datasets =
+            tokio::task::spawn_blocking(move || -> Result<Vec<pb::Dataset>, ModelError> {
+                store
+                    .names()?
+                    .into_iter()
+                    .filter(|n| token.is_empty() || *n > token)
+                    .take(page_size + 1)
+                    .map(|n| store.get(&n).map(|d| d.to_proto()))
+                    .collect()
+            })
+            .await
+            .map_err(ModelError::internal)??;
+        let next_page_token = if datasets.len() > page_size {
+            datasets.truncate(page_size);
+            datasets.last().map(|d| d.name.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListDatasetsResponse {
+            datasets,
+            next_page_token,
+        }))
     }
 
-    async fn get_dataset(&self, _: Request<pb::GetDatasetRequest>) -> RpcResult<pb::Dataset> {
-        later("GetDataset")
+    async fn get_dataset(&self, request: Request<pb::GetDatasetRequest>) -> RpcResult<pb::Dataset> {
+        let name = request.into_inner().name;
+        let store = self.datasets.clone();
+        let dataset = tokio::task::spawn_blocking(move || store.get(&name))
+            .await
+            .map_err(ModelError::internal)??;
+        Ok(Response::new(dataset.to_proto()))
     }
 
     async fn delete_dataset(
         &self,
-        _: Request<pb::DeleteDatasetRequest>,
+        request: Request<pb::DeleteDatasetRequest>,
     ) -> RpcResult<pb::DeleteDatasetResponse> {
-        later("DeleteDataset")
+        let name = request.into_inner().name;
+        self.datasets.get(&name)?;
+        if self
+            .ingesting
+            .lock()
+            .map_err(ModelError::internal)?
+            .contains(&name)
+        {
+            return Err(ModelError::FailedPrecondition(format!(
+                "dataset {name:?} is being ingested"
+            ))
+            .into());
+        }
+        self.datasets.delete(&name)?;
+        tracing::info!(dataset = %name, "dataset deleted");
+        Ok(Response::new(pb::DeleteDatasetResponse {}))
     }
 
     async fn start_training(
