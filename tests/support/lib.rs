@@ -190,6 +190,37 @@ impl Drop for TestServer {
     }
 }
 
+/// The model service in this process on 127.0.0.1:0; returns a clone of the server too
+/// (its scheduler counters). Waits until the model (if any) has loaded.
+pub async fn start_model_service(
+    config: model_service::ModelServiceConfig,
+) -> (TestServer, model_service::ModelServer) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = model_service::ModelServer::new(config).expect("model service config");
+    if let Ok(engine) = server.engine() {
+        engine.wait_ready().await.expect("the model loads");
+    }
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(model_service::serve_server(
+        listener,
+        server.clone(),
+        async {
+            let _ = rx.await;
+        },
+    ));
+    (
+        TestServer {
+            addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        },
+        server,
+    )
+}
+
 pub async fn start_feature_service(config: feature_service::FeatureServiceConfig) -> TestServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -1,0 +1,614 @@
+//! ModelService.Transcribe over real gRPC on 127.0.0.1 with whisper-base in int8: the same
+//! text as in-process decoding, batching across concurrent streams, partial results, bad
+//! requests named by field, cancelled streams freeing their slot, per-request adapters.
+
+use std::path::Path;
+use std::time::Duration;
+
+use asr_audio::InputFormat;
+use asr_proto::v1 as pb;
+use asr_whisper::{Adapter, DecodeOptions, LoraConfig, Precision};
+use e2e_support::whisper_base::{load, model_dir, test_clips};
+use e2e_support::{assets, our_windows, start_model_service};
+use model_service::ModelServiceConfig;
+use pb::model_service_client::ModelServiceClient;
+use pb::transcribe_frames_request::Payload;
+use pb::transcribe_response::Event;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+const N_MELS: usize = 80;
+
+fn service_config(data_root: &Path) -> ModelServiceConfig {
+    ModelServiceConfig {
+        model: Some(model_dir()),
+        data_root: data_root.to_path_buf(),
+        device: "cpu".into(),
+        ..Default::default()
+    }
+}
+
+async fn client(url: String) -> ModelServiceClient<Channel> {
+    ModelServiceClient::connect(url).await.expect("connect")
+}
+
+/// Raw (not normalised) frames of a clip, frame-major.
+fn raw_frames(path: &Path) -> Vec<f32> {
+    our_windows(
+        std::fs::read(path).expect("clip"),
+        InputFormat::Encoded,
+        N_MELS as u32,
+    )
+    .1
+}
+
+fn config_message(options: pb::TranscriptionOptions) -> pb::TranscribeFramesRequest {
+    pb::TranscribeFramesRequest {
+        payload: Some(Payload::Config(pb::TranscribeFramesConfig {
+            options: Some(options),
+            n_mels: N_MELS as u32,
+        })),
+    }
+}
+
+fn frames_messages(frames: &[f32], per_message: usize) -> Vec<pb::TranscribeFramesRequest> {
+    frames
+        .chunks(per_message * N_MELS)
+        .scan(0u64, |next, chunk| {
+            let count = (chunk.len() / N_MELS) as u32;
+            let message = pb::TranscribeFramesRequest {
+                payload: Some(Payload::Frames(pb::MelFrames {
+                    n_mels: N_MELS as u32,
+                    first_frame_index: *next,
+                    frame_count: count,
+                    values: chunk.to_vec(),
+                })),
+            };
+            *next += u64::from(count);
+            Some(message)
+        })
+        .collect()
+}
+
+/// Mandarin, one greedy pass without fallback (sampled fallbacks are random, so a comparison
+/// with an in-process run needs temperature 0 alone), no thresholds.
+fn zh() -> pb::TranscriptionOptions {
+    pb::TranscriptionOptions {
+        language: "zh".into(),
+        decoding: Some(deterministic()),
+        ..Default::default()
+    }
+}
+
+fn deterministic() -> pb::DecodingOptions {
+    pb::DecodingOptions {
+        temperature_increment: Some(0.0),
+        compression_ratio_threshold: Some(0.0),
+        log_prob_threshold: Some(f32::NEG_INFINITY),
+        no_speech_threshold: Some(1.0),
+        ..Default::default()
+    }
+}
+
+/// Sends `messages` (optionally paced) and collects every event until the stream ends.
+async fn transcribe(
+    client: &mut ModelServiceClient<Channel>,
+    messages: Vec<pb::TranscribeFramesRequest>,
+    pace: Option<Duration>,
+) -> Result<Vec<Event>, tonic::Status> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        for message in messages {
+            if let Some(pause) = pace {
+                tokio::time::sleep(pause).await;
+            }
+            if tx.send(message).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut stream = client
+        .transcribe(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(response) = stream.message().await? {
+        events.push(response.event.expect("an event"));
+    }
+    Ok(events)
+}
+
+fn text_of(events: &[Event]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Segment(s) => Some(s.text.as_str()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn summary_of(events: &[Event]) -> &pb::TranscriptionSummary {
+    match events.last() {
+        Some(Event::Summary(summary)) => summary,
+        other => panic!("the stream must end with a summary, got {other:?}"),
+    }
+}
+
+/// In-process int8 transcription of a clip's first window (the reference).
+fn in_process(model: &asr_whisper::LoadedModel, path: &Path, language: Option<&str>) -> String {
+    let (windows, _) = our_windows(std::fs::read(path).expect("clip"), InputFormat::Encoded, 80);
+    let options = DecodeOptions {
+        language: language.map(str::to_string),
+        ..Default::default()
+    }
+    .without_fallback();
+    model
+        .transcribe_windows(&windows, &options)
+        .expect("decode")
+        .iter()
+        .map(|t| t.text.trim().to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transcripts_equal_in_process_and_concurrent_streams_are_batched() {
+    let data_root = tempfile::tempdir().expect("tempdir");
+    let (server, handle) = start_model_service(service_config(data_root.path())).await;
+    let reference = load(Precision::Int8);
+    let clips = test_clips(8);
+    let expected: Vec<String> = clips
+        .iter()
+        .map(|c| in_process(&reference, &c.path, Some("zh")))
+        .collect();
+    let mut client = client(server.url()).await;
+
+    let info = client
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .expect("model info")
+        .into_inner();
+    assert_eq!(
+        (info.n_mels, info.model_name.as_str()),
+        (80, "whisper-base")
+    );
+    assert!(info.languages.iter().any(|l| l == "zh"));
+
+    // One stream at a time, frames in messages of 100.
+    let first = &clips[0];
+    let events = transcribe(
+        &mut client,
+        {
+            let mut m = vec![config_message(zh())];
+            m.extend(frames_messages(&raw_frames(&first.path), 100));
+            m
+        },
+        None,
+    )
+    .await
+    .expect("transcribe");
+    assert_eq!(text_of(&events), expected[0]);
+    let summary = summary_of(&events);
+    let duration = reference_duration(&first.path);
+    assert!(
+        (summary.audio_seconds - duration).abs() < 0.02,
+        "audio_seconds {} for a {duration} s clip",
+        summary.audio_seconds
+    );
+    assert_eq!((summary.language.as_str(), summary.window_count), ("zh", 1));
+    assert_eq!(summary.segment_count, 1);
+    assert_eq!(summary.precision, pb::Precision::Int8 as i32);
+    match &events[0] {
+        Event::Segment(s) => {
+            assert_eq!(s.start_seconds, 0.0);
+            assert!((s.end_seconds - duration).abs() < 0.02);
+            assert!(!s.token_ids.is_empty());
+        }
+        other => panic!("expected a segment first, got {other:?}"),
+    }
+
+    // The language detected from the first window, as in-process.
+    let events = transcribe(
+        &mut client,
+        {
+            let mut m = vec![config_message(pb::TranscriptionOptions {
+                decoding: Some(deterministic()),
+                ..Default::default()
+            })];
+            m.extend(frames_messages(&raw_frames(&clips[1].path), 3000));
+            m
+        },
+        None,
+    )
+    .await
+    .expect("transcribe with detection");
+    assert_eq!(
+        text_of(&events),
+        in_process(&reference, &clips[1].path, None)
+    );
+    let (windows, _) = our_windows(
+        std::fs::read(&clips[1].path).expect("clip"),
+        InputFormat::Encoded,
+        80,
+    );
+    let detected = reference
+        .detect_language(&reference.batch(&windows))
+        .expect("detect");
+    assert_eq!(summary_of(&events).language, detected[0]);
+
+    // Eight streams at once: every transcript as in-process, and the scheduler batched.
+    let before = handle
+        .engine()
+        .expect("engine")
+        .stats
+        .largest_batch
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let tasks: Vec<_> = clips
+        .iter()
+        .map(|clip| {
+            let mut client = client.clone();
+            let mut messages = vec![config_message(zh())];
+            messages.extend(frames_messages(&raw_frames(&clip.path), 50));
+            tokio::spawn(async move { transcribe(&mut client, messages, None).await })
+        })
+        .collect();
+    // Batched decoding runs other matrix shapes than one window alone, and these espeak clips
+    // are near the edge for whisper-base: a rare greedy step can flip.
+    let mut same = 0;
+    for (i, task) in tasks.into_iter().enumerate() {
+        let events = task.await.expect("task").expect("concurrent stream");
+        let text = text_of(&events);
+        if text == expected[i] {
+            same += 1;
+        } else {
+            println!("clip {i} batched: {text:?}, alone: {:?}", expected[i]);
+        }
+    }
+    assert!(
+        same >= 6,
+        "only {same} of 8 concurrent transcripts equal the in-process ones"
+    );
+    let stats = &handle.engine().expect("engine").stats;
+    let largest = stats
+        .largest_batch
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        largest > 1 && largest > before.min(1),
+        "8 concurrent streams were never batched (largest batch {largest})"
+    );
+    server.stop().await;
+}
+
+fn reference_duration(path: &Path) -> f64 {
+    let (samples, rate, channels) = e2e_support::read_audio(path);
+    samples.len() as f64 / f64::from(rate) / f64::from(channels)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partial_results_grow_a_stable_prefix_before_the_segment() {
+    let data_root = tempfile::tempdir().expect("tempdir");
+    let (server, _handle) = start_model_service(service_config(data_root.path())).await;
+    let mut client = client(server.url()).await;
+    let clip = assets().join("aishell/BAC009S0764W0121.wav");
+    let mut messages = vec![config_message(pb::TranscriptionOptions {
+        partial_results: true,
+        partial_interval_seconds: Some(0.5),
+        ..zh()
+    })];
+    // 0.5 s of audio every 0.4 s: a live source, a little faster than real time.
+    messages.extend(frames_messages(&raw_frames(&clip), 50));
+    let events = transcribe(&mut client, messages, Some(Duration::from_millis(400)))
+        .await
+        .expect("transcribe with partial results");
+    let partials: Vec<&pb::PartialTranscript> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Partial(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    assert!(!partials.is_empty(), "no partial results: {events:?}");
+    for pair in partials.windows(2) {
+        assert!(
+            pair[1].stable_text.starts_with(&pair[0].stable_text),
+            "stable text shrank: {:?} then {:?}",
+            pair[0].stable_text,
+            pair[1].stable_text
+        );
+        assert!(pair[1].audio_seconds >= pair[0].audio_seconds);
+    }
+    let segment_at = events
+        .iter()
+        .position(|e| matches!(e, Event::Segment(_)))
+        .expect("a segment");
+    assert!(events[..segment_at]
+        .iter()
+        .any(|e| matches!(e, Event::Partial(_))));
+    let text = text_of(&events);
+    let last_stable = &partials.last().expect("partial").stable_text;
+    assert!(!text.is_empty());
+    println!(
+        "partials: {}, last stable {last_stable:?}, final {text:?}",
+        partials.len()
+    );
+    server.stop().await;
+}
+
+fn violation_field(status: &tonic::Status) -> String {
+    status
+        .get_details_bad_request()
+        .and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
+        .unwrap_or_else(|| panic!("no BadRequest details in {status:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_are_named_and_cancelled_streams_free_their_slot() {
+    let data_root = tempfile::tempdir().expect("tempdir");
+    let (server, _handle) = start_model_service(ModelServiceConfig {
+        max_concurrent_streams: 1,
+        ..service_config(data_root.path())
+    })
+    .await;
+    let mut client = client(server.url()).await;
+    let frames = raw_frames(&test_clips(1)[0].path);
+    let good = frames_messages(&frames, 100);
+
+    let options_cases: Vec<(&str, pb::TranscriptionOptions, &str)> = vec![
+        (
+            "unknown language",
+            pb::TranscriptionOptions {
+                language: "xx".into(),
+                ..Default::default()
+            },
+            "config.options.language",
+        ),
+        (
+            "beam too wide",
+            pb::TranscriptionOptions {
+                decoding: Some(pb::DecodingOptions {
+                    beam_size: 1000,
+                    ..Default::default()
+                }),
+                ..zh()
+            },
+            "config.options.decoding.beam_size",
+        ),
+        (
+            "adapter path",
+            pb::TranscriptionOptions {
+                adapter: "../../etc".into(),
+                ..zh()
+            },
+            "config.options.adapter",
+        ),
+    ];
+    for (name, options, field) in options_cases {
+        let mut messages = vec![config_message(options)];
+        messages.extend(good.iter().cloned());
+        let status = transcribe(&mut client, messages, None)
+            .await
+            .expect_err(name);
+        assert_eq!(status.code(), Code::InvalidArgument, "{name}: {status:?}");
+        assert_eq!(violation_field(&status), field, "{name}");
+    }
+
+    // Frames that do not fit the stream.
+    let mut wrong_mels = good[0].clone();
+    if let Some(Payload::Frames(f)) = &mut wrong_mels.payload {
+        f.n_mels = 128;
+    }
+    let mut short_values = good[0].clone();
+    if let Some(Payload::Frames(f)) = &mut short_values.payload {
+        f.values.pop();
+    }
+    let frame_cases = vec![
+        ("frames before config", vec![good[0].clone()], "config"),
+        (
+            "wrong mel count",
+            vec![config_message(zh()), wrong_mels],
+            "frames.n_mels",
+        ),
+        (
+            "values length",
+            vec![config_message(zh()), short_values],
+            "frames.values",
+        ),
+        (
+            "gap in the frames",
+            vec![config_message(zh()), good[1].clone()],
+            "frames.first_frame_index",
+        ),
+    ];
+    for (name, messages, field) in frame_cases {
+        let status = transcribe(&mut client, messages, None)
+            .await
+            .expect_err(name);
+        assert_eq!(status.code(), Code::InvalidArgument, "{name}: {status:?}");
+        assert_eq!(violation_field(&status), field, "{name}");
+    }
+    let mut config_128 = config_message(zh());
+    if let Some(Payload::Config(c)) = &mut config_128.payload {
+        c.n_mels = 128;
+    }
+    let status = transcribe(&mut client, vec![config_128], None)
+        .await
+        .expect_err("n_mels");
+    assert_eq!(violation_field(&status), "config.n_mels");
+
+    let mut messages = vec![config_message(pb::TranscriptionOptions {
+        adapter: "absent".into(),
+        ..zh()
+    })];
+    messages.extend(good.iter().cloned());
+    let status = transcribe(&mut client, messages, None)
+        .await
+        .expect_err("unknown adapter");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().contains("absent"));
+
+    // A client that goes away mid-stream frees the only slot.
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(config_message(zh())).await.expect("send");
+    tx.send(good[0].clone()).await.expect("send");
+    let stream = client
+        .transcribe(ReceiverStream::new(rx))
+        .await
+        .expect("open");
+    let mut busy = client.clone();
+    let mut messages = vec![config_message(zh())];
+    messages.extend(good.iter().cloned());
+    let status = transcribe(&mut busy, messages.clone(), None)
+        .await
+        .expect_err("the slot is taken");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("max_concurrent_streams"));
+    drop(stream);
+    drop(tx);
+    let mut freed = None;
+    for _ in 0..50 {
+        match transcribe(&mut client, messages.clone(), None).await {
+            Ok(events) => {
+                freed = Some(events);
+                break;
+            }
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(status) => panic!("unexpected {status:?}"),
+        }
+    }
+    let events = freed.expect("the cancelled stream's slot was never freed");
+    assert!(!text_of(&events).is_empty());
+    server.stop().await;
+}
+
+/// A LoRA adapter with random B (so it changes the output), saved in PEFT's layout.
+fn random_adapter(dir: &Path) -> Adapter {
+    let mut model = load(Precision::Int8);
+    let sites = model.model.linear_sites();
+    tch::manual_seed(7);
+    let mut adapter = Adapter::init(LoraConfig::default(), &sites, tch::Device::Cpu).expect("init");
+    for w in adapter.layers.values_mut() {
+        w.b = (tch::Tensor::randn(w.b.size(), (tch::Kind::Float, tch::Device::Cpu)) * 0.005)
+            .set_requires_grad(true);
+    }
+    adapter.save_peft(dir, "whisper-base").expect("save");
+    adapter
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_request_adapters_change_only_their_streams() {
+    let data_root = tempfile::tempdir().expect("tempdir");
+    let source = tempfile::tempdir().expect("tempdir");
+    let adapter = random_adapter(source.path());
+    let (server, _handle) = start_model_service(service_config(data_root.path())).await;
+    let mut client = client(server.url()).await;
+    let clips = test_clips(4);
+
+    let mut reference = load(Precision::Int8);
+    let base: Vec<String> = clips
+        .iter()
+        .map(|c| in_process(&reference, &c.path, Some("zh")))
+        .collect();
+    reference.model.attach(&adapter);
+    let adapted: Vec<String> = clips
+        .iter()
+        .map(|c| in_process(&reference, &c.path, Some("zh")))
+        .collect();
+    assert_ne!(
+        base, adapted,
+        "the random adapter must change some transcript"
+    );
+
+    let status = client
+        .load_adapter(pb::LoadAdapterRequest {
+            name: "../evil".into(),
+            source_dir: source.path().display().to_string(),
+        })
+        .await
+        .expect_err("bad name");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let info = client
+        .load_adapter(pb::LoadAdapterRequest {
+            name: "random".into(),
+            source_dir: source.path().display().to_string(),
+        })
+        .await
+        .expect("import and load")
+        .into_inner();
+    assert!(info.loaded);
+    assert_eq!((info.r, info.trainable_parameters), (4, 147_456));
+    assert_eq!(info.origin, pb::AdapterOrigin::Imported as i32);
+    let listed = client
+        .list_adapters(pb::ListAdaptersRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.adapters.len(), 1);
+    assert_eq!(listed.adapters[0].name, "random");
+
+    // With and without the adapter at the same time.
+    let mut tasks = Vec::new();
+    for (i, clip) in clips.iter().enumerate() {
+        for with_adapter in [true, false] {
+            let mut client = client.clone();
+            let options = pb::TranscriptionOptions {
+                adapter: if with_adapter {
+                    "random".into()
+                } else {
+                    String::new()
+                },
+                ..zh()
+            };
+            let mut messages = vec![config_message(options)];
+            messages.extend(frames_messages(&raw_frames(&clip.path), 100));
+            tasks.push((
+                i,
+                with_adapter,
+                tokio::spawn(async move { transcribe(&mut client, messages, None).await }),
+            ));
+        }
+    }
+    for (i, with_adapter, task) in tasks {
+        let events = task.await.expect("task").expect("stream");
+        let want = if with_adapter { &adapted[i] } else { &base[i] };
+        assert_eq!(&text_of(&events), want, "clip {i}, adapter {with_adapter}");
+        let summary = summary_of(&events);
+        assert_eq!(summary.adapter, if with_adapter { "random" } else { "" });
+    }
+
+    // Scale 0 is the base model.
+    let changed = (0..clips.len())
+        .find(|&i| base[i] != adapted[i])
+        .expect("a changed clip");
+    let mut messages = vec![config_message(pb::TranscriptionOptions {
+        adapter: "random".into(),
+        adapter_scale: Some(0.0),
+        ..zh()
+    })];
+    messages.extend(frames_messages(&raw_frames(&clips[changed].path), 100));
+    let events = transcribe(&mut client, messages, None)
+        .await
+        .expect("scale 0");
+    assert_eq!(text_of(&events), base[changed]);
+
+    client
+        .delete_adapter(pb::DeleteAdapterRequest {
+            name: "random".into(),
+        })
+        .await
+        .expect("delete");
+    let status = client
+        .get_adapter(pb::GetAdapterRequest {
+            name: "random".into(),
+        })
+        .await
+        .expect_err("deleted");
+    assert_eq!(status.code(), Code::NotFound);
+    server.stop().await;
+}
