@@ -54,6 +54,9 @@ pub struct ModelServiceConfig {
     /// Adapters held in memory at once.
     #[arg(long, env = "ASR_MAX_LOADED_ADAPTERS", default_value_t = 8)]
     pub max_loaded_adapters: usize,
+    /// Training jobs waiting to run; more are RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ASR_MAX_QUEUED_JOBS", default_value_t = 16)]
+    pub max_queued_jobs: usize,
     /// Longest audio per Transcribe stream, in seconds.
     #[arg(long, env = "ASR_MAX_AUDIO_SECONDS", default_value_t = 4.0 * 3600.0)]
     pub max_audio_seconds: f64,
@@ -72,6 +75,7 @@ impl Default for ModelServiceConfig {
             max_batch_windows: 8,
             windows_in_flight: 4,
             max_loaded_adapters: 8,
+            max_queued_jobs: 16,
             max_audio_seconds: 4.0 * 3600.0,
             drain_seconds: 30.0,
         }

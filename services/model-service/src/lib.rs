@@ -5,8 +5,8 @@
 //! - [`options`]: request options validated into decoding settings;
 //! - [`registry`]: the adapter registry on disk; [`datasets`], [`ingest`]: the dataset
 //!   store and IngestExamples;
-//! - [`server`]: the gRPC surface. Datasets and training jobs answer UNIMPLEMENTED until
-//!   they land (issue 5).
+//! - [`training`]: LoRA training jobs (validated, persisted, resumed after a restart);
+//! - [`server`]: the gRPC surface.
 
 pub mod config;
 pub mod datasets;
@@ -17,6 +17,7 @@ pub mod ingest;
 pub mod options;
 pub mod registry;
 pub mod server;
+pub mod training;
 pub mod transcribe;
 
 pub use config::{ModelServiceConfig, Precision};

@@ -24,6 +24,7 @@ use crate::error::ModelError;
 use crate::ingest::{self, IngestContext, Ingesting, LabelChecker};
 use crate::options::{ModelFacts, StreamOptions, MAX_BEAM_SIZE};
 use crate::registry::{validate_name, Registry};
+use crate::training::{JobSpec, Jobs, Runner};
 use crate::transcribe::{self, AdapterUse, StreamContext};
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -42,6 +43,8 @@ pub struct ModelServer {
     /// Tokenizer and prompt of the model, to refuse transcripts too long to train on.
     labels: Option<Arc<LabelChecker>>,
     ingesting: Ingesting,
+    /// Training jobs (with a model only).
+    jobs: Option<Jobs>,
     streams: Arc<Semaphore>,
     /// Transcribe streams using each adapter (DeleteAdapter refuses while in use).
     adapter_users: Arc<Mutex<HashMap<String, usize>>>,
@@ -95,7 +98,23 @@ impl ModelServer {
                 max_loaded_adapters: config.max_loaded_adapters,
             })
         });
+        let jobs = match &config.model {
+            Some(dir) => {
+                let (jobs, queue) = Jobs::open(&config.data_root, config.max_queued_jobs)?;
+                Runner {
+                    jobs: jobs.clone(),
+                    datasets: datasets.clone(),
+                    registry: registry.clone(),
+                    model_dir: dir.clone(),
+                    device,
+                }
+                .spawn(queue);
+                Some(jobs)
+            }
+            None => None,
+        };
         Ok(Self {
+            jobs,
             streams: Arc::new(Semaphore::new(config.max_concurrent_streams)),
             config: Arc::new(config),
             device,
@@ -369,6 +388,12 @@ impl ModelService for ModelServer {
             ))
             .into());
         }
+        if self.jobs.as_ref().is_some_and(|j| j.uses_dataset(&name)) {
+            return Err(ModelError::FailedPrecondition(format!(
+                "dataset {name:?} is used by a queued or running training job"
+            ))
+            .into());
+        }
         self.datasets.delete(&name)?;
         tracing::info!(dataset = %name, "dataset deleted");
         Ok(Response::new(pb::DeleteDatasetResponse {}))
@@ -376,37 +401,145 @@ impl ModelService for ModelServer {
 
     async fn start_training(
         &self,
-        _: Request<pb::StartTrainingRequest>,
+        request: Request<pb::StartTrainingRequest>,
     ) -> RpcResult<pb::TrainingJob> {
-        later("StartTraining")
+        let jobs = self.jobs.as_ref().ok_or(ModelError::NoModel)?;
+        let request = request.into_inner();
+        let spec = JobSpec::from_request(&request)?;
+        let model = self.engine()?.ready()?;
+        for (data, field) in [
+            (Some(&spec.train), "train_dataset"),
+            (spec.eval.as_ref(), "eval_dataset"),
+        ] {
+            let Some(data) = data else { continue };
+            let dataset = self.datasets.get(&data.dataset).map_err(|e| match e {
+                ModelError::NotFound { .. } => ModelError::NotFound {
+                    what: if field == "train_dataset" {
+                        "train_dataset.dataset"
+                    } else {
+                        "eval_dataset.dataset"
+                    },
+                    name: data.dataset.clone(),
+                },
+                other => other,
+            })?;
+            if dataset.meta.n_mels != model.n_mels {
+                return Err(ModelError::FailedPrecondition(format!(
+                    "{field}: dataset {:?} holds {}-mel features; the model takes {}",
+                    data.dataset, dataset.meta.n_mels, model.n_mels
+                ))
+                .into());
+            }
+            if dataset.split(&data.split).next().is_none() {
+                return Err(if dataset.examples.is_empty() {
+                    ModelError::FailedPrecondition(format!(
+                        "{field}: dataset {:?} is empty",
+                        data.dataset
+                    ))
+                } else {
+                    ModelError::NotFound {
+                        what: if field == "train_dataset" {
+                            "train_dataset.split"
+                        } else {
+                            "eval_dataset.split"
+                        },
+                        name: data.split.clone(),
+                    }
+                }
+                .into());
+            }
+            if field == "train_dataset"
+                && spec.language.is_empty()
+                && dataset.meta.language.is_empty()
+            {
+                return Err(ModelError::invalid(
+                    "hyperparameters.language",
+                    "required: the train dataset records no language",
+                )
+                .into());
+            }
+        }
+        if !spec.language.is_empty() && !model.languages.contains(&spec.language) {
+            return Err(ModelError::invalid(
+                "hyperparameters.language",
+                format!("{:?} is not a language this model knows", spec.language),
+            )
+            .into());
+        }
+        spec.mixed_precision(self.device)?;
+        if self.registry.exists(&spec.output_adapter) {
+            return Err(ModelError::AlreadyExists {
+                what: "adapter",
+                name: spec.output_adapter.clone(),
+            }
+            .into());
+        }
+        let job = jobs.start(request)?;
+        tracing::info!(job = %job.id, "training job queued");
+        Ok(Response::new(job))
     }
 
     async fn watch_training(
         &self,
-        _: Request<pb::WatchTrainingRequest>,
+        request: Request<pb::WatchTrainingRequest>,
     ) -> RpcResult<Self::WatchTrainingStream> {
-        later("WatchTraining")
+        let jobs = self.jobs.as_ref().ok_or(ModelError::NoModel)?;
+        let request = request.into_inner();
+        Ok(Response::new(Box::pin(
+            jobs.watch(&request.job_id, request.from_event_index)?,
+        )))
     }
 
     async fn list_training_jobs(
         &self,
-        _: Request<pb::ListTrainingJobsRequest>,
+        request: Request<pb::ListTrainingJobsRequest>,
     ) -> RpcResult<pb::ListTrainingJobsResponse> {
-        later("ListTrainingJobs")
+        let request = request.into_inner();
+        let Some(jobs) = &self.jobs else {
+            return Ok(Response::new(pb::ListTrainingJobsResponse::default()));
+        };
+        let page_size = match request.page_size {
+            0 => 100,
+            n => n.min(1000) as usize,
+        };
+        let all = jobs.list(&request.states)?;
+        let start = if request.page_token.is_empty() {
+            0
+        } else {
+            all.iter()
+                .position(|j| j.id == request.page_token)
+                .map(|i| i + 1)
+                .ok_or_else(|| ModelError::invalid("page_token", "not a job id of this listing"))?
+        };
+        let page: Vec<pb::TrainingJob> = all.iter().skip(start).take(page_size).cloned().collect();
+        let next_page_token = if start + page.len() < all.len() {
+            page.last().map(|j| j.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListTrainingJobsResponse {
+            jobs: page,
+            next_page_token,
+        }))
     }
 
     async fn get_training_job(
         &self,
-        _: Request<pb::GetTrainingJobRequest>,
+        request: Request<pb::GetTrainingJobRequest>,
     ) -> RpcResult<pb::TrainingJob> {
-        later("GetTrainingJob")
+        let jobs = self.jobs.as_ref().ok_or(ModelError::NoModel)?;
+        Ok(Response::new(jobs.get(&request.into_inner().job_id)?))
     }
 
     async fn cancel_training(
         &self,
-        _: Request<pb::CancelTrainingRequest>,
+        request: Request<pb::CancelTrainingRequest>,
     ) -> RpcResult<pb::TrainingJob> {
-        later("CancelTraining")
+        let jobs = self.jobs.as_ref().ok_or(ModelError::NoModel)?;
+        let id = request.into_inner().job_id;
+        let job = jobs.cancel(&id)?;
+        tracing::info!(job = %id, "training job cancelled");
+        Ok(Response::new(job))
     }
 
     async fn list_adapters(

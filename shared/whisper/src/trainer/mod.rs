@@ -9,6 +9,8 @@
 //! micro-batch: that exactness holds while one training runs in the process at a time.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -128,7 +130,22 @@ pub struct Trainer<'a> {
     optimizer: AdamW,
     schedule: LinearSchedule,
     pub state: TrainerState,
+    /// Set from another thread to stop before the next optimiser step ([`Cancelled`]).
+    pub stop: Option<Arc<AtomicBool>>,
 }
+
+/// Training was stopped through [`Trainer::stop`]; the state is that of the last completed
+/// step (checkpoints written so far stay valid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cancelled;
+
+impl std::fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("training cancelled")
+    }
+}
+
+impl std::error::Error for Cancelled {}
 
 const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -173,6 +190,7 @@ impl<'a> Trainer<'a> {
                 scaler,
                 ..Default::default()
             },
+            stop: None,
         })
     }
 
@@ -213,6 +231,13 @@ impl<'a> Trainer<'a> {
         let batches: Vec<&[usize]> = order.chunks(self.config.batch_size).collect();
         let device = self.model.encoder.device();
         for (window_index, window) in batches.chunks(self.config.grad_accum).enumerate() {
+            if self
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Relaxed))
+            {
+                return Err(Cancelled.into());
+            }
             let started = std::time::Instant::now();
             let mut loss_sum = 0.0;
             for (k, batch) in window.iter().enumerate() {

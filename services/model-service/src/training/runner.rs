@@ -1,0 +1,374 @@
+//! The training runner: one thread that runs queued jobs one at a time with the recipe's
+//! trainer on its own int8 copy of the base model, reporting events as it goes; the best
+//! adapter goes into the registry when a job succeeds.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use asr_proto::v1 as pb;
+use asr_whisper::evaluation::{EvalSet, GenerationEval};
+use asr_whisper::labels::label_tokens;
+use asr_whisper::train_data::{Example, Window};
+use asr_whisper::trainer::{
+    checkpoint_dir, BestMetric, Cancelled, EpochSummary, FitOptions, LabelIds, StepLog, Trainer,
+};
+use asr_whisper::{Adapter, LoadOptions, LoadedModel, OutputProjection, Precision};
+use tch::Device;
+use tokio::sync::mpsc;
+
+use crate::datasets::DatasetStore;
+use crate::registry::Registry;
+use crate::training::jobs::{now, JobRecord, Jobs};
+use crate::training::spec::{DataRef, JobSpec};
+
+use pb::training_event::Event;
+
+pub struct Runner {
+    pub jobs: Jobs,
+    pub datasets: DatasetStore,
+    pub registry: Registry,
+    pub model_dir: PathBuf,
+    pub device: Device,
+}
+
+impl Runner {
+    /// Runs jobs from `queue` until the service stops.
+    pub fn spawn(self, mut queue: mpsc::Receiver<String>) {
+        let spawned = std::thread::Builder::new()
+            .name("training-runner".into())
+            .spawn(move || {
+                while let Some(id) = queue.blocking_recv() {
+                    self.run(&id);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the training thread");
+        }
+    }
+
+    fn run(&self, id: &str) {
+        let (record, spec, stop) = match self.jobs.for_run(id) {
+            Ok(job) => job,
+            Err(e) => {
+                tracing::error!(job = %id, error = %e, "cannot read the job");
+                return;
+            }
+        };
+        if record.state() != pb::TrainingJobState::Queued {
+            return; // cancelled while queued
+        }
+        let _ = self.jobs.update(id, |r| {
+            r.state = pb::TrainingJobState::Running as i32;
+            r.started.get_or_insert(now());
+        });
+        tracing::info!(job = %id, "training job started");
+        let started = Instant::now();
+        let outcome = self.train(id, &record, &spec, stop);
+        let global_step = self
+            .jobs
+            .for_run(id)
+            .map(|(r, _, _)| r.global_step)
+            .unwrap_or(0);
+        let (state, event) = match outcome {
+            Ok(finished) => (
+                pb::TrainingJobState::Succeeded,
+                Event::JobFinished(pb::training_event::JobFinished {
+                    train_runtime_seconds: started.elapsed().as_secs_f64(),
+                    ..finished
+                }),
+            ),
+            Err(e) if e.downcast_ref::<Cancelled>().is_some() => (
+                pb::TrainingJobState::Cancelled,
+                Event::JobCancelled(pb::training_event::JobCancelled { global_step }),
+            ),
+            Err(e) => {
+                let reason = format!("{e:#}");
+                tracing::warn!(job = %id, %reason, "training job failed");
+                let _ = self.jobs.update(id, |r| r.error = reason.clone());
+                (
+                    pb::TrainingJobState::Failed,
+                    Event::JobFailed(pb::training_event::JobFailed {
+                        reason,
+                        global_step,
+                    }),
+                )
+            }
+        };
+        let _ = self.jobs.update(id, |r| {
+            r.state = state as i32;
+            r.finished = Some(now());
+        });
+        if let Err(e) = self.jobs.push_event(id, event) {
+            tracing::error!(job = %id, error = %e, "recording the job's end");
+        }
+        tracing::info!(job = %id, state = state.as_str_name(), "training job ended");
+    }
+
+    /// Examples of a dataset split, windows read from the store when their batch comes.
+    fn examples(
+        &self,
+        data: &DataRef,
+        model: &LoadedModel,
+        language: &str,
+        spec: &JobSpec,
+    ) -> anyhow::Result<(Vec<Example>, Vec<String>)> {
+        let dataset = self.datasets.get(&data.dataset)?;
+        anyhow::ensure!(
+            dataset.meta.n_mels == model.n_mels(),
+            "dataset {} holds {}-mel features; the model takes {}",
+            data.dataset,
+            dataset.meta.n_mels,
+            model.n_mels()
+        );
+        let mut examples = Vec::new();
+        let mut texts = Vec::new();
+        for stored in dataset.split(&data.split) {
+            let labels = label_tokens(
+                &model.tokenizer,
+                &model.generation,
+                &stored.text,
+                Some(language),
+                spec.task,
+            )?;
+            examples.push(Example {
+                window: Window::Cached(dataset.window_path(stored.index)),
+                labels,
+            });
+            texts.push(stored.text.clone());
+        }
+        anyhow::ensure!(
+            !examples.is_empty(),
+            "dataset {} has no examples in split {:?}",
+            data.dataset,
+            data.split
+        );
+        Ok((examples, texts))
+    }
+
+    fn train(
+        &self,
+        id: &str,
+        record: &JobRecord,
+        spec: &JobSpec,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<pb::training_event::JobFinished> {
+        let language = if spec.language.is_empty() {
+            self.datasets.get(&spec.train.dataset)?.meta.language
+        } else {
+            spec.language.clone()
+        };
+        anyhow::ensure!(
+            !language.is_empty(),
+            "no language: set hyperparameters.language or ingest the dataset with one"
+        );
+        let mut loaded = LoadedModel::load(
+            &self.model_dir,
+            LoadOptions {
+                device: self.device,
+                precision: Precision::Int8,
+                // The logits' gradient flows through this projection: keep it in fp32.
+                output_projection: Some(OutputProjection::Tied),
+                ..Default::default()
+            },
+        )
+        .context("loading the base model for training")?;
+        let (train, _) = self.examples(&spec.train, &loaded, &language, spec)?;
+        let evals = match &spec.eval {
+            Some(data) => {
+                let (examples, texts) = self.examples(data, &loaded, &language, spec)?;
+                vec![EvalSet {
+                    name: "eval".into(),
+                    examples,
+                    texts,
+                }]
+            }
+            None => Vec::new(),
+        };
+        tch::manual_seed(spec.train_config.seed as i64);
+        let adapter = Adapter::init(spec.lora.clone(), &loaded.model.linear_sites(), self.device)?;
+        let mut config = spec.train_config.clone();
+        config.mixed_precision = spec
+            .mixed_precision(self.device)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let ids = LabelIds {
+            decoder_start: loaded.generation.decoder_start_token_id,
+            pad: loaded.generation.eos_token_id,
+        };
+        let generation = loaded.generation.clone();
+        let tokenizer_dir = self.model_dir.join("tokenizer.json");
+        let tokenizer =
+            asr_whisper::WhisperTokenizer::from_file(&tokenizer_dir, generation.eos_token_id)?;
+        let generation_eval = spec.predict_with_generate.then(|| GenerationEval {
+            generation: &generation,
+            tokenizer: &tokenizer,
+            language: Some(language.clone()),
+            task: spec.task,
+            max_length: spec.generation_max_length,
+            batch_size: spec.eval_batch_size,
+        });
+        let steps_per_epoch = train
+            .len()
+            .div_ceil(config.batch_size)
+            .div_ceil(config.grad_accum) as u64;
+        let mut trainer = Trainer::new(&mut loaded.model, adapter, config, ids, train.len())?;
+        trainer.stop = Some(stop);
+        let output = self.jobs.dir_of(id).join("output");
+        if let Some(epoch) = latest_checkpoint(&output) {
+            let dir = checkpoint_dir(&output, epoch);
+            trainer
+                .resume(&dir)
+                .with_context(|| format!("resuming from {}", dir.display()))?;
+            self.jobs.push_event(
+                id,
+                Event::Resumed(pb::training_event::Resumed {
+                    checkpoint: format!("checkpoint-epoch-{epoch}"),
+                    from_step: trainer.state.global_step as u64,
+                }),
+            )?;
+        }
+        let (trainable, all) = trainer.parameter_counts();
+        let max_steps = trainer.total_steps() as u64;
+        let _ = self.jobs.update(id, |r| r.max_steps = max_steps);
+        if record.started.is_none() || trainer.state.global_step == 0 {
+            self.jobs.push_event(
+                id,
+                Event::JobStarted(pb::training_event::JobStarted {
+                    max_steps,
+                    steps_per_epoch,
+                    train_example_count: train.len() as u64,
+                    eval_example_count: evals.first().map_or(0, |e| e.examples.len() as u64),
+                    trainable_parameters: trainable as u64,
+                    total_parameters: all as u64,
+                    device: format!("{:?}", self.device),
+                }),
+            )?;
+        }
+        let jobs = &self.jobs;
+        let logging_steps = spec.logging_steps.max(1) as i64;
+        let on_step = |log: &StepLog| {
+            let _ = jobs.update(id, |r| {
+                r.global_step = log.step as u64;
+                r.epoch = log.epoch as f32;
+                r.latest_loss = Some(log.loss as f32);
+            });
+            if log.step % logging_steps == 0 || log.step as u64 == max_steps {
+                let _ = jobs.push_event(
+                    id,
+                    Event::StepLogged(pb::training_event::StepLogged {
+                        global_step: log.step as u64,
+                        epoch: log.epoch as f32,
+                        loss: log.loss as f32,
+                        learning_rate: log.lr as f32,
+                        grad_norm: log.grad_norm as f32,
+                        samples_per_second: log.samples_per_second as f32,
+                        peak_memory_bytes: 0,
+                    }),
+                );
+            }
+        };
+        let metric = spec.metric;
+        let mut best: Option<f64> = record.best_metric.map(f64::from);
+        let on_epoch = |summary: &EpochSummary| {
+            let _ = jobs.push_event(
+                id,
+                Event::Evaluated(pb::training_event::Evaluated {
+                    epoch: summary.epoch as f32,
+                    global_step: summary.steps as u64,
+                    results: summary
+                        .evals
+                        .iter()
+                        .map(|e| pb::EvalSetResult {
+                            name: e.name.clone(),
+                            loss: e.loss as f32,
+                            cer: e.cer.map(|c| c as f32),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    runtime_seconds: 0.0,
+                }),
+            );
+            let value = summary.metric(metric);
+            let is_best = match (value, best) {
+                (Some(v), Some(b)) => v < b,
+                (Some(_), None) => true,
+                (None, _) => true,
+            };
+            let name = format!("checkpoint-epoch-{}", summary.epoch);
+            if is_best {
+                best = value.or(best);
+                let _ = jobs.update(id, |r| {
+                    r.best_metric = value.map(|v| v as f32);
+                    r.best_checkpoint = name.clone();
+                });
+            }
+            let _ = jobs.push_event(
+                id,
+                Event::CheckpointSaved(pb::training_event::CheckpointSaved {
+                    global_step: summary.steps as u64,
+                    path: checkpoint_dir(&output, summary.epoch).display().to_string(),
+                    name,
+                    is_best,
+                    metric: value.map(|v| v as f32),
+                }),
+            );
+        };
+        let options = FitOptions {
+            save_total_limit: spec.save_total_limit,
+            metric_for_best: metric,
+            generation: generation_eval,
+            ..FitOptions::new(self.model_dir.display().to_string())
+        };
+        let fit = trainer.fit(&train, &evals, &output, &options, on_step, on_epoch)?;
+        let adapter_dir = output.join("adapter");
+        if !adapter_dir.join("adapter_config.json").exists() {
+            trainer
+                .adapter()
+                .save_peft(&adapter_dir, &self.model_dir.display().to_string())?;
+        }
+        self.registry
+            .install(&spec.output_adapter, &adapter_dir, "trained", id, "")
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let _ = self
+            .jobs
+            .update(id, |r| r.adapter = spec.output_adapter.clone());
+        let best_summary = fit.epochs.iter().find(|e| e.epoch == fit.best_epoch);
+        let train_loss = fit.epochs.last().map_or(0.0, |e| e.train_loss);
+        Ok(pb::training_event::JobFinished {
+            best_checkpoint: format!("checkpoint-epoch-{}", fit.best_epoch),
+            best_metric: best_summary
+                .and_then(|s| s.metric(metric))
+                .map(|v| v as f32),
+            metric: match metric {
+                BestMetric::EvalLoss => pb::BestModelMetric::EvalLoss,
+                BestMetric::Cer => pb::BestModelMetric::Cer,
+            } as i32,
+            adapter: spec.output_adapter.clone(),
+            global_step: trainer.state.global_step as u64,
+            train_loss: train_loss as f32,
+            train_runtime_seconds: 0.0,
+        })
+    }
+}
+
+/// The latest `checkpoint-epoch-N` under `output`.
+fn latest_checkpoint(output: &std::path::Path) -> Option<usize> {
+    std::fs::read_dir(output)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("checkpoint-epoch-")?
+                .parse::<usize>()
+                .ok()
+        })
+        .filter(|&epoch| {
+            checkpoint_dir(output, epoch)
+                .join("trainer_state.json")
+                .exists()
+        })
+        .max()
+}
