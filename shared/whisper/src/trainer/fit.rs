@@ -151,7 +151,6 @@ impl Trainer<'_> {
                 samples_per_second: samples as f64 / seconds.max(1e-9),
                 evals: results,
             };
-            on_epoch(&summary);
             self.state.epochs.push(summary);
             self.save_checkpoint(
                 &checkpoint_dir(output, self.state.epochs_done),
@@ -167,6 +166,10 @@ impl Trainer<'_> {
                             .with_context(|| format!("removing {}", dir.display()))?;
                     }
                 }
+            }
+            // Reported once its checkpoint is on disk, so a listener may rely on it.
+            if let Some(summary) = self.state.epochs.last() {
+                on_epoch(summary);
             }
         }
         let best = best_epoch(&self.state.epochs, options.metric_for_best);
