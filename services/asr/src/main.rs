@@ -10,6 +10,7 @@ mod status;
 mod train;
 mod train_local;
 mod transcribe;
+mod transcribe_remote;
 
 use clap::{Parser, Subcommand};
 
@@ -29,7 +30,8 @@ enum Command {
     /// Compute Whisper's normalised log-mel windows of an audio file, locally or through a
     /// feature service, and write them as float32 .npy of shape [windows, n_mels, 3000].
     Features(features::FeaturesArgs),
-    /// Transcribe audio files with Whisper (`--local`: in this process, no services).
+    /// Transcribe audio files with Whisper: through the feature and model services
+    /// (`--server`), or in this process (`--local`).
     Transcribe(transcribe::TranscribeArgs),
     /// Health and description of the running feature and model services.
     Status(status::StatusArgs),
@@ -43,7 +45,7 @@ enum Command {
     Adapters(adapters::AdaptersCommand),
     /// LoRA fine-tuning: `--local` runs the recipe in this process; `--dry-run` builds the
     /// model and adapter and prints the parameter count.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,7 +62,7 @@ fn main() -> anyhow::Result<()> {
         Command::Status(args) => status::run(args),
         Command::Bench(command) => bench::run(command),
         Command::Convert(args) => convert::run(args),
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(*args),
         Command::Adapters(command) => adapters::run(command),
     }
 }

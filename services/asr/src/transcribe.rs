@@ -1,11 +1,13 @@
-//! `asr transcribe --local`: Whisper in-process, no services.
+//! `asr transcribe`: through the services (`--server`, see [`crate::transcribe_remote`]) or,
+//! with `--local`, Whisper in this process.
 //!
-//! Without `--timestamps` each 30 s window is decoded on its own; with it, the audio is
-//! transcribed window after window with a seek (openai's long-form), as timed segments.
+//! Locally, without `--timestamps` each 30 s window is decoded on its own; with it, the audio
+//! is transcribed window after window with a seek (openai's long-form), as timed segments.
 
+use std::io::Read;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use asr_audio::pipeline::extract_all;
 use asr_audio::{FeaturePipeline, InputFormat, MelConfig, PipelineConfig, WINDOW_SAMPLES};
 use asr_whisper::{
@@ -16,12 +18,15 @@ use serde::Serialize;
 
 #[derive(Args)]
 pub struct TranscribeArgs {
-    /// Audio files (any format the audio library decodes).
+    /// Audio files (any format the audio library decodes); `-` reads stdin.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
-    /// Run the model in this process (the only mode until the services' Transcribe lands).
+    /// Run the model in this process instead of through the services.
     #[arg(long)]
     pub local: bool,
+    /// Feature service to stream the audio to (without --local).
+    #[arg(long, env = "ASR_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
     /// HF-layout Whisper directory (`asr convert` makes one from faster-whisper's).
     #[arg(long, env = "ASR_MODEL", default_value = "assets/whisper-base")]
     pub model: PathBuf,
@@ -63,9 +68,22 @@ pub struct TranscribeArgs {
     /// Long-form: do not prompt each window with the text of the previous ones.
     #[arg(long)]
     pub no_condition_on_previous_text: bool,
-    /// A LoRA adapter directory (PEFT's layout: ours or one PEFT saved).
-    #[arg(long)]
+    /// With --local: a LoRA adapter directory (PEFT's layout: ours or one PEFT saved).
+    #[arg(long, requires = "local")]
     pub adapter: Option<PathBuf>,
+    /// Through the services: a LoRA adapter of the model service's registry, by name.
+    #[arg(long, conflicts_with = "local")]
+    pub adapter_name: Option<String>,
+    /// Through the services: scale of the adapter's delta, 0.0..=1.0 (default 1.0).
+    #[arg(long, requires = "adapter_name")]
+    pub adapter_scale: Option<f32>,
+    /// Through the services: ask for partial results and show them on stderr as they come.
+    #[arg(long, conflicts_with = "local")]
+    pub partial: bool,
+    /// Through the services: send the audio at its real-time rate, as a live source would
+    /// (implies --partial).
+    #[arg(long, conflicts_with = "local")]
+    pub realtime: bool,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
 }
@@ -108,26 +126,49 @@ pub enum OutputFormat {
 }
 
 #[derive(Serialize)]
-struct FileResult {
+pub struct FileResult {
     file: String,
     language: Option<String>,
     text: String,
     segments: Vec<SegmentOut>,
 }
 
+impl FileResult {
+    /// The text is the segments' texts joined by spaces.
+    pub fn new(file: String, language: Option<String>, segments: Vec<SegmentOut>) -> Self {
+        let text = segments
+            .iter()
+            .map(|s| s.text.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        Self {
+            file,
+            language,
+            text,
+            segments,
+        }
+    }
+}
+
 #[derive(Serialize)]
-struct SegmentOut {
-    start: f64,
-    end: f64,
-    text: String,
-    avg_logprob: f64,
-    no_speech_prob: Option<f64>,
+pub struct SegmentOut {
+    pub start: f64,
+    pub end: f64,
+    pub text: String,
+    pub avg_logprob: f64,
+    pub no_speech_prob: Option<f64>,
 }
 
 pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
-    if !args.local {
-        bail!("only --local transcription is available in this version (the services' Transcribe comes next)");
-    }
+    let results = if args.local {
+        transcribe_local(&args)?
+    } else {
+        crate::transcribe_remote::run(&args)?
+    };
+    print_results(&results, args.format)
+}
+
+fn transcribe_local(args: &TranscribeArgs) -> anyhow::Result<Vec<FileResult>> {
     let device = parse_device(&args.device)?;
     let precision = match args.precision {
         PrecisionArg::Int8 => Precision::Int8,
@@ -176,14 +217,15 @@ pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
     };
     let mut results = Vec::new();
     for file in &args.files {
-        let source =
-            std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-        let (_, frames, summary) = extract_all(
-            &pipeline,
-            std::io::BufReader::new(source),
-            InputFormat::Encoded,
-        )
-        .with_context(|| format!("reading {}", file.display()))?;
+        let source: Box<dyn Read + Send + Sync> = if file.as_os_str() == "-" {
+            Box::new(std::io::stdin())
+        } else {
+            Box::new(std::io::BufReader::new(
+                std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?,
+            ))
+        };
+        let (_, frames, summary) = extract_all(&pipeline, source, InputFormat::Encoded)
+            .with_context(|| format!("reading {}", file.display()))?;
         let (language, segments) = if args.timestamps {
             // Seek-based long-form with timestamps, as openai's transcribe.
             let content_frames = summary.samples.div_ceil(asr_audio::HOP_LENGTH as u64) as usize;
@@ -217,19 +259,13 @@ pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
                 .collect();
             (transcripts.first().and_then(|t| t.language.clone()), out)
         };
-        let text = segments
-            .iter()
-            .map(|s| s.text.as_str())
-            .collect::<Vec<_>>()
-            .join(" ");
-        results.push(FileResult {
-            file: file.display().to_string(),
+        results.push(FileResult::new(
+            file.display().to_string(),
             language,
-            text,
             segments,
-        });
+        ));
     }
-    print_results(&results, args.format)
+    Ok(results)
 }
 
 fn print_results(results: &[FileResult], format: OutputFormat) -> anyhow::Result<()> {

@@ -22,9 +22,18 @@ pub struct FeatureServiceConfig {
     /// closed, in seconds.
     #[arg(long, env = "ASR_DRAIN_SECONDS", default_value_t = 10.0)]
     pub drain_seconds: f64,
-    /// Address of the model service that Transcribe and Ingest relay to.
+    /// Address of the model service that Transcribe and Ingest relay to, e.g.
+    /// http://127.0.0.1:50052. Connected lazily: the feature service starts (and serves
+    /// Extract) while the model service is down, and picks it up when it comes back.
     #[arg(long, env = "ASR_MODEL_SERVICE")]
     pub model_service: Option<String>,
+    /// Timeout of one connection attempt to the model service, in seconds.
+    #[arg(long, env = "ASR_MODEL_SERVICE_CONNECT_SECONDS", default_value_t = 5.0)]
+    pub model_service_connect_seconds: f64,
+    /// How long a request keeps retrying an unavailable model service (with exponential
+    /// backoff) before it fails with UNAVAILABLE, in seconds; 0 = one attempt.
+    #[arg(long, env = "ASR_MODEL_SERVICE_RETRY_SECONDS", default_value_t = 3.0)]
+    pub model_service_retry_seconds: f64,
 }
 
 impl Default for FeatureServiceConfig {
@@ -36,6 +45,8 @@ impl Default for FeatureServiceConfig {
             max_message_bytes: 4 * 1024 * 1024,
             drain_seconds: 10.0,
             model_service: None,
+            model_service_connect_seconds: 5.0,
+            model_service_retry_seconds: 3.0,
         }
     }
 }
@@ -58,6 +69,15 @@ impl FeatureServiceConfig {
         anyhow::ensure!(
             self.max_message_bytes >= 1024,
             "--max-message-bytes must be at least 1024"
+        );
+        anyhow::ensure!(
+            self.model_service_connect_seconds.is_finite()
+                && self.model_service_connect_seconds > 0.0,
+            "--model-service-connect-seconds must be positive"
+        );
+        anyhow::ensure!(
+            self.model_service_retry_seconds.is_finite() && self.model_service_retry_seconds >= 0.0,
+            "--model-service-retry-seconds must be 0 or more"
         );
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! The feature service's errors and their single mapping to gRPC status codes.
 
 use asr_audio::AudioError;
+use bytes::Bytes;
 use thiserror::Error;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -26,6 +27,22 @@ pub enum FeatureError {
     ClientStream(Status),
     #[error("{0} is not implemented by this version of the feature service")]
     NotImplemented(&'static str),
+    #[error(
+        "no model service configured: start the feature service with --model-service URL \
+         (or ASR_MODEL_SERVICE) to transcribe"
+    )]
+    NoModelService,
+    /// The model service could not be reached, or the connection to it broke.
+    #[error("model service at {address} is unavailable: {reason}")]
+    ModelServiceUnavailable { address: String, reason: String },
+    /// The model service reports a mel count the feature path cannot compute.
+    #[error("the model service at {address} reports n_mels={n_mels}; the feature path computes 80 or 128")]
+    UnsupportedModelMels { address: String, n_mels: u32 },
+    /// A status the model service sent: relayed unchanged (code, message, details).
+    #[error("{}", .0.message())]
+    ModelService(Status),
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 impl FeatureError {
@@ -56,6 +73,19 @@ impl From<FeatureError> for Status {
             FeatureError::TooManyStreams { .. } => Status::resource_exhausted(message),
             FeatureError::ClientStream(status) => Status::new(status.code(), message),
             FeatureError::NotImplemented(_) => Status::unimplemented(message),
+            FeatureError::NoModelService | FeatureError::UnsupportedModelMels { .. } => {
+                Status::failed_precondition(message)
+            }
+            FeatureError::ModelServiceUnavailable { .. } => Status::unavailable(message),
+            // The model service's BadRequest field paths (`config.options.*`) are those of
+            // this request too: TranscribeAudioConfig.options sits where
+            // TranscribeFramesConfig.options does.
+            FeatureError::ModelService(status) => Status::with_details(
+                status.code(),
+                status.message(),
+                Bytes::copy_from_slice(status.details()),
+            ),
+            FeatureError::Internal(_) => Status::internal(message),
             FeatureError::Audio(audio) => match audio {
                 AudioError::InvalidSampleRate { .. } => {
                     bad_request("config.format.raw_pcm.sample_rate_hz", message)
@@ -95,6 +125,24 @@ mod tests {
             .expect("BadRequest details")
             .field_violations;
         assert_eq!(violations[0].field, "config.format.raw_pcm.sample_rate_hz");
+    }
+
+    #[test]
+    fn model_service_statuses_are_relayed_unchanged() {
+        let sent = Status::with_error_details(
+            Code::InvalidArgument,
+            "config.options.language: unknown language \"xx\"",
+            ErrorDetails::with_bad_request_violation("config.options.language", "unknown"),
+        );
+        let relayed = Status::from(FeatureError::ModelService(sent));
+        assert_eq!(relayed.code(), Code::InvalidArgument);
+        assert_eq!(
+            relayed.message(),
+            "config.options.language: unknown language \"xx\""
+        );
+        let details = relayed.get_error_details();
+        let violations = &details.bad_request().expect("details").field_violations;
+        assert_eq!(violations[0].field, "config.options.language");
     }
 
     #[test]

@@ -1,84 +1,63 @@
-//! The Extract stream. Inbound audio messages are forwarded over a bounded channel to a
-//! blocking pipeline (decode -> resample -> log-mel); its frames go back over another bounded
-//! channel. A client that cancels drops the response stream, the next send fails and the
-//! pipeline stops.
+//! The Extract stream. Inbound audio messages are forwarded over a bounded channel
+//! ([`crate::inbound`]) to a blocking pipeline (decode -> resample -> log-mel); its frames go
+//! back over another bounded channel. A client that cancels drops the response stream, the
+//! next send fails and the pipeline stops.
+//!
+//! [`decode`] and [`mel_messages`] are the pieces Transcribe's relay shares.
 
 use std::time::Instant;
 
-use asr_audio::{AudioError, FeaturePipeline, PipelineEvent};
+use asr_audio::{AudioError, FeaturePipeline, InputFormat, PipelineEvent, StreamSummary};
 use asr_proto::v1 as pb;
-use pb::extract_request::Payload;
 use pb::extract_response::Event;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
-use tonic::{Status, Streaming};
+use tonic::Status;
 
-use crate::convert::{self, ByteLayout, ExtractSpec};
+use crate::convert::{self, ExtractSpec};
 use crate::error::FeatureError;
 use crate::reader::{AbortSlot, ChannelReader};
 
-/// Audio messages buffered between tonic and the decoder.
-const INBOUND_CHUNKS: usize = 8;
 /// Response messages buffered between the pipeline and tonic.
 pub const OUTBOUND_MESSAGES: usize = 16;
 
 pub type ResponseSender = mpsc::Sender<Result<pb::ExtractResponse, Status>>;
 
-/// Reads the config message that must open the stream.
-pub async fn read_config(
-    inbound: &mut Streaming<pb::ExtractRequest>,
-) -> Result<pb::ExtractConfig, FeatureError> {
-    match inbound.message().await {
-        Ok(Some(pb::ExtractRequest {
-            payload: Some(Payload::Config(config)),
-        })) => Ok(config),
-        Ok(Some(_)) => Err(FeatureError::ConfigNotFirst),
-        Ok(None) => Err(FeatureError::MissingConfig),
-        Err(status) => Err(FeatureError::ClientStream(status)),
-    }
+/// Runs `pipeline` over the audio chunks arriving on `chunks` (blocking), handing each event
+/// to `sink`. The error is the stream's real cause: a protocol error recorded in `abort` by
+/// the task forwarding the client's messages wins over the I/O error the reader then sees.
+pub fn decode<S>(
+    pipeline: &FeaturePipeline,
+    input: InputFormat,
+    chunks: mpsc::Receiver<Vec<u8>>,
+    abort: AbortSlot,
+    sink: S,
+) -> Result<StreamSummary, FeatureError>
+where
+    S: FnMut(PipelineEvent<'_>) -> Result<(), AudioError>,
+{
+    let reader = ChannelReader::new(chunks, abort.clone());
+    pipeline
+        .run(reader, input, sink)
+        .map_err(|err| abort.take().unwrap_or(FeatureError::Audio(err)))
 }
 
-/// Forwards the audio bytes of `inbound` to the pipeline's reader until the client half-closes.
-/// Protocol errors are recorded in `abort` so the pipeline reports them.
-pub async fn forward_audio(
-    mut inbound: Streaming<pb::ExtractRequest>,
-    chunks: mpsc::Sender<Vec<u8>>,
-    layout: ByteLayout,
-    abort: AbortSlot,
-) {
-    loop {
-        let bytes = match inbound.message().await {
-            Ok(Some(pb::ExtractRequest {
-                payload: Some(Payload::Audio(bytes)),
-            })) => bytes,
-            Ok(Some(pb::ExtractRequest {
-                payload: Some(Payload::Config(_)),
-            })) => {
-                abort.set(FeatureError::DuplicateConfig);
-                return;
-            }
-            // An empty message carries nothing; tolerate it as an empty chunk.
-            Ok(Some(pb::ExtractRequest { payload: None })) => continue,
-            Ok(None) => return,
-            Err(status) => {
-                abort.set(FeatureError::ClientStream(status));
-                return;
-            }
-        };
-        if bytes.is_empty() {
-            continue;
-        }
-        let bytes = match layout.to_interleaved(bytes) {
-            Ok(bytes) => bytes,
-            Err(err) => {
-                abort.set(err);
-                return;
-            }
-        };
-        if chunks.send(bytes).await.is_err() {
-            // The pipeline stopped (error or cancelled); nothing more to read.
-            return;
-        }
-    }
+/// Frame-major raw frames starting at `first_frame`, cut into MelFrames messages of at most
+/// `frames_per_message` frames.
+pub fn mel_messages(
+    first_frame: u64,
+    values: &[f32],
+    n_mels: usize,
+    frames_per_message: usize,
+) -> impl Iterator<Item = pb::MelFrames> + '_ {
+    values
+        .chunks(frames_per_message * n_mels)
+        .enumerate()
+        .map(move |(i, chunk)| pb::MelFrames {
+            n_mels: n_mels as u32,
+            first_frame_index: first_frame + (i * frames_per_message) as u64,
+            frame_count: (chunk.len() / n_mels) as u32,
+            values: chunk.to_vec(),
+        })
 }
 
 /// Runs the pipeline on a blocking thread, sending info, frames and summary (or the error).
@@ -91,7 +70,6 @@ pub fn run_pipeline(
     _permit: OwnedSemaphorePermit,
 ) {
     let started = Instant::now();
-    let reader = ChannelReader::new(chunks, abort.clone());
     let frames_per_message = spec.frames_per_message;
     let n_mels = spec.mel.n_mels;
     let send = |event: Event| -> Result<(), AudioError> {
@@ -99,24 +77,14 @@ pub fn run_pipeline(
             .blocking_send(Ok(pb::ExtractResponse { event: Some(event) }))
             .map_err(|_| AudioError::Cancelled)
     };
-    let result = pipeline.run(reader, spec.input, |event| match event {
+    let outcome = decode(&pipeline, spec.input, chunks, abort, |event| match event {
         PipelineEvent::Started(info) => send(Event::Info(convert::stream_info(&info))),
         PipelineEvent::Frames {
             first_frame,
             values,
-        } => {
-            for (i, chunk) in values.chunks(frames_per_message * n_mels).enumerate() {
-                send(Event::Frames(pb::MelFrames {
-                    n_mels: n_mels as u32,
-                    first_frame_index: first_frame + (i * frames_per_message) as u64,
-                    frame_count: (chunk.len() / n_mels) as u32,
-                    values: chunk.to_vec(),
-                }))?;
-            }
-            Ok(())
-        }
+        } => mel_messages(first_frame, values, n_mels, frames_per_message)
+            .try_for_each(|frames| send(Event::Frames(frames))),
     });
-    let outcome = result.map_err(|err| abort.take().unwrap_or(FeatureError::Audio(err)));
     match outcome {
         Ok(summary) => {
             tracing::info!(
@@ -138,8 +106,4 @@ pub fn run_pipeline(
             let _ = responses.blocking_send(Err(err.into()));
         }
     }
-}
-
-pub fn channel() -> (mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>) {
-    mpsc::channel(INBOUND_CHUNKS)
 }

@@ -5,15 +5,24 @@
 //! - [`config`]: limits and defaults, validated once at start-up;
 //! - [`convert`]: proto messages to typed requests, with errors naming the field;
 //! - [`error`]: this layer's error enum and its one mapping to `tonic::Status`;
+//! - [`inbound`]: a client's audio stream (config first, then bytes) fed to the pipeline;
 //! - [`extract`]: the Extract stream: inbound bytes -> blocking pipeline -> outbound frames;
+//! - [`relay`]: the Transcribe stream: the same frames relayed to the model service, its
+//!   events relayed back;
+//! - [`model_link`]: the lazily connecting channel to the model service and its errors;
+//! - [`trace_context`]: OpenTelemetry context in and out of gRPC metadata;
 //! - [`server`]: the tonic server with health and reflection.
 
 pub mod config;
 pub mod convert;
 pub mod error;
 mod extract;
+mod inbound;
+mod model_link;
 mod reader;
+mod relay;
 pub mod server;
+mod trace_context;
 
 pub use config::FeatureServiceConfig;
 pub use error::FeatureError;

@@ -9,7 +9,7 @@ use asr_proto::v1 as pb;
 use futures::Stream;
 use pb::feature_service_server::{FeatureService, FeatureServiceServer};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -17,8 +17,10 @@ use tracing::Instrument;
 use crate::config::FeatureServiceConfig;
 use crate::convert::ExtractSpec;
 use crate::error::FeatureError;
-use crate::extract;
+use crate::model_link::ModelLink;
 use crate::reader::AbortSlot;
+use crate::trace_context::request_span;
+use crate::{extract, inbound, relay};
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -29,11 +31,20 @@ pub struct FeatureServer {
     streams: Arc<Semaphore>,
     /// One pipeline (and mel filter bank) per supported mel count.
     pipelines: Arc<[(usize, FeaturePipeline); 2]>,
+    /// The model service Transcribe relays to (`--model-service`), if any.
+    model: Option<ModelLink>,
 }
 
 impl FeatureServer {
+    /// Must run inside a Tokio runtime when a model service is configured (its lazily
+    /// connecting channel spawns a task).
     pub fn new(config: FeatureServiceConfig) -> anyhow::Result<Self> {
         config.validate()?;
+        let model = config
+            .model_service
+            .as_deref()
+            .map(|address| ModelLink::new(address, &config))
+            .transpose()?;
         let pipeline = |n_mels: u32| -> anyhow::Result<(usize, FeaturePipeline)> {
             let mel = MelConfig::new(n_mels)?;
             let config = PipelineConfig {
@@ -46,10 +57,53 @@ impl FeatureServer {
             streams: Arc::new(Semaphore::new(config.max_concurrent_streams)),
             pipelines: Arc::new([pipeline(80)?, pipeline(128)?]),
             config: Arc::new(config),
+            model,
         })
     }
 
-    fn pipeline(&self, mel: MelConfig) -> FeaturePipeline {
+    pub(crate) fn config(&self) -> &FeatureServiceConfig {
+        &self.config
+    }
+
+    pub(crate) fn model_link(&self) -> Option<&ModelLink> {
+        self.model.as_ref()
+    }
+
+    fn acquire_stream(&self) -> Result<OwnedSemaphorePermit, FeatureError> {
+        self.streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| FeatureError::TooManyStreams {
+                limit: self.config.max_concurrent_streams,
+            })
+    }
+
+    /// Extract: validates the config, then runs the pipeline on a blocking thread.
+    async fn start_extract(
+        &self,
+        request: Request<Streaming<pb::ExtractRequest>>,
+    ) -> Result<Response<ResponseStream<pb::ExtractResponse>>, Status> {
+        let permit = self.acquire_stream()?;
+        let mut audio = request.into_inner();
+        let config = inbound::read_config(&mut audio).await?;
+        let spec = ExtractSpec::from_proto(config, &self.config)?;
+        tracing::debug!(?spec, "extract started");
+        let (chunks_tx, chunks_rx) = inbound::channel();
+        let abort = AbortSlot::default();
+        tokio::spawn(
+            inbound::forward_audio(audio, chunks_tx, spec.layout, abort.clone()).in_current_span(),
+        );
+        let (responses_tx, responses_rx) = mpsc::channel(extract::OUTBOUND_MESSAGES);
+        let pipeline = self.pipeline(spec.mel);
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            extract::run_pipeline(pipeline, spec, chunks_rx, abort, responses_tx, permit);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(responses_rx))))
+    }
+
+    pub(crate) fn pipeline(&self, mel: MelConfig) -> FeaturePipeline {
         let (_, pipeline) = self
             .pipelines
             .iter()
@@ -72,43 +126,32 @@ impl FeatureService for FeatureServer {
     type ExtractStream = ResponseStream<pb::ExtractResponse>;
     type TranscribeStream = ResponseStream<pb::TranscribeResponse>;
 
-    #[tracing::instrument(name = "Extract", skip_all, fields(remote = ?request.remote_addr()))]
     async fn extract(
         &self,
         request: Request<Streaming<pb::ExtractRequest>>,
     ) -> Result<Response<Self::ExtractStream>, Status> {
-        let permit =
-            self.streams
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| FeatureError::TooManyStreams {
-                    limit: self.config.max_concurrent_streams,
-                })?;
-        let mut inbound = request.into_inner();
-        let config = extract::read_config(&mut inbound).await?;
-        let spec = ExtractSpec::from_proto(config, &self.config)?;
-        tracing::debug!(?spec, "extract started");
-        let (chunks_tx, chunks_rx) = extract::channel();
-        let abort = AbortSlot::default();
-        tokio::spawn(
-            extract::forward_audio(inbound, chunks_tx, spec.layout, abort.clone())
-                .in_current_span(),
+        let span = request_span(
+            tracing::info_span!("Extract", remote = ?request.remote_addr()),
+            request.metadata(),
         );
-        let (responses_tx, responses_rx) = mpsc::channel(extract::OUTBOUND_MESSAGES);
-        let pipeline = self.pipeline(spec.mel);
-        let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || {
-            let _entered = span.enter();
-            extract::run_pipeline(pipeline, spec, chunks_rx, abort, responses_tx, permit);
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(responses_rx))))
+        self.start_extract(request).instrument(span).await
     }
 
     async fn transcribe(
         &self,
-        _request: Request<Streaming<pb::TranscribeAudioRequest>>,
+        request: Request<Streaming<pb::TranscribeAudioRequest>>,
     ) -> Result<Response<Self::TranscribeStream>, Status> {
-        Err(FeatureError::NotImplemented("Transcribe (relay to the model service)").into())
+        let span = request_span(
+            tracing::info_span!("Transcribe", remote = ?request.remote_addr()),
+            request.metadata(),
+        );
+        let responses = async {
+            let permit = self.acquire_stream()?;
+            relay::start(self, permit, request).await
+        }
+        .instrument(span)
+        .await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
     }
 
     async fn ingest(

@@ -204,7 +204,7 @@ fn decoding_options(
                 format!("must be >= 0, got {v}"),
             ))
         }
-        Some(v) if v == 0.0 => None,
+        Some(0.0) => None,
         Some(v) => Some(f64::from(v)),
         None => Some(2.4),
     };

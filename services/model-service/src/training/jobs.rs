@@ -389,7 +389,7 @@ impl Jobs {
                                 .map(<[_]>::to_vec)
                                 .unwrap_or_default(),
                             entry.record.is_final()
-                                && entry.events.last().is_some_and(|e| is_final_event(e)),
+                                && entry.events.last().is_some_and(is_final_event),
                         ),
                         None => return,
                     },
