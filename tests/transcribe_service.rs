@@ -612,3 +612,70 @@ async fn per_request_adapters_change_only_their_streams() {
     assert_eq!(status.code(), Code::NotFound);
     server.stop().await;
 }
+
+/// Audio through the feature service, relayed as frames to the model service: the same text
+/// as in-process, and the model service's errors relayed with their field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn audio_through_both_services_equals_in_process() {
+    use pb::feature_service_client::FeatureServiceClient;
+    use pb::transcribe_audio_request::Payload as AudioPayload;
+
+    let data_root = tempfile::tempdir().expect("tempdir");
+    let (model, _handle) = start_model_service(service_config(data_root.path())).await;
+    let features = e2e_support::start_feature_service(feature_service::FeatureServiceConfig {
+        model_service: Some(model.url()),
+        ..Default::default()
+    })
+    .await;
+    let client = FeatureServiceClient::connect(features.url())
+        .await
+        .expect("connect");
+    let reference = load(Precision::Int8);
+    let mut clips: Vec<std::path::PathBuf> = test_clips(3).into_iter().map(|c| c.path).collect();
+    clips.push(assets().join("aishell/BAC009S0764W0121.wav"));
+    for path in &clips {
+        let bytes = std::fs::read(path).expect("clip");
+        let run = |options: pb::TranscriptionOptions| {
+            let mut client = client.clone();
+            let bytes = bytes.clone();
+            async move {
+                let mut messages = vec![pb::TranscribeAudioRequest {
+                    payload: Some(AudioPayload::Config(pb::TranscribeAudioConfig {
+                        format: None,
+                        options: Some(options),
+                    })),
+                }];
+                messages.extend(bytes.chunks(8192).map(|c| pb::TranscribeAudioRequest {
+                    payload: Some(AudioPayload::Audio(c.to_vec())),
+                }));
+                let mut stream = client
+                    .transcribe(tokio_stream::iter(messages))
+                    .await?
+                    .into_inner();
+                let mut events = Vec::new();
+                while let Some(r) = stream.message().await? {
+                    events.push(r.event.expect("event"));
+                }
+                Ok::<_, tonic::Status>(events)
+            }
+        };
+        let events = run(zh()).await.expect("two hops");
+        assert_eq!(
+            text_of(&events),
+            in_process(&reference, path, Some("zh")),
+            "{}",
+            path.display()
+        );
+        assert_eq!(summary_of(&events).model_name, "whisper-base");
+        let status = run(pb::TranscriptionOptions {
+            language: "klingon".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad language");
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(violation_field(&status), "config.options.language");
+    }
+    features.stop().await;
+    model.stop().await;
+}
