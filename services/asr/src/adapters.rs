@@ -16,6 +16,26 @@ use tch::{Device, Kind, Tensor};
 pub enum AdaptersCommand {
     /// Write MODEL with ADAPTER folded into its weights to OUTPUT.
     Merge(MergeArgs),
+    /// The model service's registry.
+    List {
+        #[command(flatten)]
+        server: crate::remote::ModelServiceArg,
+    },
+    /// Load a registry adapter into the model service, importing it from --dir first.
+    Load {
+        name: String,
+        /// A PEFT adapter directory on the model service's host to import as NAME.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        server: crate::remote::ModelServiceArg,
+    },
+    /// Remove an adapter from the model service's registry.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        server: crate::remote::ModelServiceArg,
+    },
 }
 
 #[derive(Args)]
@@ -45,6 +65,11 @@ pub enum QuantizeArg {
 pub fn run(command: AdaptersCommand) -> anyhow::Result<()> {
     match command {
         AdaptersCommand::Merge(args) => merge(args),
+        AdaptersCommand::List { server } => crate::remote::adapters_list(&server),
+        AdaptersCommand::Load { name, dir, server } => {
+            crate::remote::adapters_load(&name, dir.as_ref(), &server)
+        }
+        AdaptersCommand::Delete { name, server } => crate::remote::adapters_delete(&name, &server),
     }
 }
 

@@ -6,6 +6,7 @@ mod convert;
 mod features;
 mod features_remote;
 mod process;
+mod remote;
 mod status;
 mod train;
 mod train_local;
@@ -40,7 +41,13 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Convert a faster-whisper / CTranslate2 Whisper directory into an HF transformers one.
     Convert(convert::ConvertArgs),
-    /// LoRA adapters: merge one into a model's weights.
+    /// Store a dataset (JSONL manifest or Common Voice split) in the model service.
+    Ingest(remote::IngestArgs),
+    /// Training jobs of the model service: start, watch, list, cancel.
+    #[command(subcommand)]
+    Jobs(remote::JobsCommand),
+    /// LoRA adapters: merge one into a model's weights; list, load, delete in the model
+    /// service's registry.
     #[command(subcommand)]
     Adapters(adapters::AdaptersCommand),
     /// LoRA fine-tuning: `--local` runs the recipe in this process; `--dry-run` builds the
@@ -64,5 +71,7 @@ fn main() -> anyhow::Result<()> {
         Command::Convert(args) => convert::run(args),
         Command::Train(args) => train::run(*args),
         Command::Adapters(command) => adapters::run(command),
+        Command::Ingest(args) => remote::ingest(args),
+        Command::Jobs(command) => remote::jobs(command),
     }
 }
