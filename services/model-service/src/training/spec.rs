@@ -39,6 +39,12 @@ pub struct JobSpec {
     pub output_adapter: String,
 }
 
+/// A proto float as the decimal the client wrote (0.05f32 is 0.05, not 0.05000000074505806),
+/// so configs and adapter files carry the intended value.
+fn decimal(value: f32) -> f64 {
+    value.to_string().parse().unwrap_or(f64::from(value))
+}
+
 fn invalid(field: &str, description: impl Into<String>) -> ModelError {
     ModelError::invalid(field, description)
 }
@@ -89,9 +95,9 @@ fn lora_config(lora: Option<pb::LoraConfig>) -> Result<LoraConfig, ModelError> {
         alpha: if lora.alpha == 0.0 {
             defaults.alpha
         } else {
-            f64::from(lora.alpha)
+            decimal(lora.alpha)
         },
-        dropout: f64::from(dropout),
+        dropout: decimal(dropout),
         target_modules: if lora.target_modules.is_empty() {
             defaults.target_modules
         } else {
@@ -133,7 +139,7 @@ impl JobSpec {
         let field = |f: &str| format!("hyperparameters.{f}");
         let lr = match h.learning_rate {
             0.0 => 1e-3,
-            v if v.is_finite() && v > 0.0 => f64::from(v),
+            v if v.is_finite() && v > 0.0 => decimal(v),
             v => {
                 return Err(invalid(
                     &field("learning_rate"),
@@ -164,7 +170,7 @@ impl JobSpec {
         }
         let max_grad_norm = match h.max_grad_norm {
             None => 1.0,
-            Some(v) if v.is_finite() && v >= 0.0 => f64::from(v),
+            Some(v) if v.is_finite() && v >= 0.0 => decimal(v),
             Some(v) => {
                 return Err(invalid(
                     &field("max_grad_norm"),
@@ -265,7 +271,7 @@ impl JobSpec {
                 grad_accum,
                 optimizer: AdamWConfig {
                     lr,
-                    weight_decay: f64::from(h.weight_decay),
+                    weight_decay: decimal(h.weight_decay),
                     ..Default::default()
                 },
                 warmup_steps: i64::from(h.warmup_steps.unwrap_or(50)),
@@ -334,6 +340,19 @@ mod tests {
         let c = &spec.train_config;
         assert_eq!((c.epochs, c.batch_size, c.grad_accum), (3, 4, 4));
         assert_eq!(c.optimizer.lr, 1e-3);
+        let mut r = request();
+        r.hyperparameters = Some(pb::TrainingHyperparameters {
+            learning_rate: 1e-3,
+            ..Default::default()
+        });
+        assert_eq!(
+            JobSpec::from_request(&r)
+                .expect("valid")
+                .train_config
+                .optimizer
+                .lr,
+            1e-3
+        );
         assert_eq!(spec.metric, BestMetric::EvalLoss);
         assert!(!spec.predict_with_generate);
     }
