@@ -111,7 +111,7 @@ fn randomise(adapter: &Adapter, scale: f64) {
             .map(|w| &w.b)
             .chain(adapter.biases.values())
         {
-            let _ = t.shallow_clone().copy_(&(t.randn_like() * scale));
+            t.shallow_clone().copy_(&(t.randn_like() * scale));
         }
     });
 }

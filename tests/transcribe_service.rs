@@ -281,7 +281,26 @@ async fn transcripts_equal_in_process_and_concurrent_streams_are_batched() {
         largest > 1 && largest > before.min(1),
         "8 concurrent streams were never batched (largest batch {largest})"
     );
+    // The same seen through the Prometheus metrics: some batch above one window.
+    let metrics = handle.metrics.render();
+    let single: f64 = metric_value(&metrics, "asr_model_batch_size_bucket{le=\"1\"}");
+    let all: f64 = metric_value(&metrics, "asr_model_batch_size_count");
+    assert!(all > single, "no batch above 1 in the metrics:\n{metrics}");
+    assert!(
+        metric_value(
+            &metrics,
+            "asr_model_requests_total{rpc=\"Transcribe\",code=\"Ok\"}"
+        ) >= 10.0
+    );
+    assert!(metric_value(&metrics, "asr_model_audio_seconds_total") > 10.0);
     server.stop().await;
+}
+
+/// A sample's value in Prometheus text (0 when absent).
+fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 fn reference_duration(path: &Path) -> f64 {

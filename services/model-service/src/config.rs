@@ -57,6 +57,10 @@ pub struct ModelServiceConfig {
     /// Training jobs waiting to run; more are RESOURCE_EXHAUSTED.
     #[arg(long, env = "ASR_MAX_QUEUED_JOBS", default_value_t = 16)]
     pub max_queued_jobs: usize,
+    /// Address to serve Prometheus metrics on (`GET /metrics`), e.g. 127.0.0.1:9102. Unset:
+    /// no metrics endpoint.
+    #[arg(long, env = "ASR_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Longest audio per Transcribe stream, in seconds.
     #[arg(long, env = "ASR_MAX_AUDIO_SECONDS", default_value_t = 4.0 * 3600.0)]
     pub max_audio_seconds: f64,
@@ -76,6 +80,7 @@ impl Default for ModelServiceConfig {
             windows_in_flight: 4,
             max_loaded_adapters: 8,
             max_queued_jobs: 16,
+            metrics_listen: None,
             max_audio_seconds: 4.0 * 3600.0,
             drain_seconds: 30.0,
         }

@@ -31,6 +31,7 @@ pub struct EngineConfig {
     /// Most windows decoded as one batch.
     pub max_batch_windows: usize,
     pub max_loaded_adapters: usize,
+    pub metrics: asr_runtime::metrics::Registry,
 }
 
 /// What a loaded model is, for ModelInfo and request validation.
@@ -461,6 +462,13 @@ impl Worker {
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
             self.stats.windows.fetch_add(size, Ordering::Relaxed);
             self.stats.largest_batch.fetch_max(size, Ordering::Relaxed);
+            self.config.metrics.observe(
+                "asr_model_batch_size",
+                "Windows decoded together by the scheduler.",
+                vec![],
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+                size as f64,
+            );
             let options = group[0].options.clone();
             let adapter = group[0].adapter.clone();
             let windows: Vec<Vec<f32>> = group.iter().map(|j| j.window.clone()).collect();

@@ -26,6 +26,7 @@ use crate::options::{ModelFacts, StreamOptions, MAX_BEAM_SIZE};
 use crate::registry::{validate_name, Registry};
 use crate::training::{JobSpec, Jobs, Runner};
 use crate::transcribe::{self, AdapterUse, StreamContext};
+use asr_runtime::metrics::Registry as Metrics;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 type RpcResult<T> = Result<Response<T>, Status>;
@@ -46,6 +47,8 @@ pub struct ModelServer {
     /// Training jobs (with a model only).
     jobs: Option<Jobs>,
     streams: Arc<Semaphore>,
+    /// Prometheus metrics of this service.
+    pub metrics: Metrics,
     /// Transcribe streams using each adapter (DeleteAdapter refuses while in use).
     adapter_users: Arc<Mutex<HashMap<String, usize>>>,
 }
@@ -76,6 +79,7 @@ impl ModelServer {
         }
         tracing::info!(device = %device::describe(device), precision = ?config.precision, "model service device");
         let registry = Registry::open(&config.data_root)?;
+        let metrics = Metrics::default();
         let datasets = DatasetStore::open(&config.data_root)?;
         let labels = match &config.model {
             Some(dir) => Some(Arc::new(LabelChecker::load(dir).map_err(|e| {
@@ -96,6 +100,7 @@ impl ModelServer {
                 queue_capacity: config.queue_capacity,
                 max_batch_windows: config.max_batch_windows,
                 max_loaded_adapters: config.max_loaded_adapters,
+                metrics: metrics.clone(),
             })
         });
         let jobs = match &config.model {
@@ -107,6 +112,7 @@ impl ModelServer {
                     registry: registry.clone(),
                     model_dir: dir.clone(),
                     device,
+                    metrics: metrics.clone(),
                 }
                 .spawn(queue);
                 Some(jobs)
@@ -115,6 +121,7 @@ impl ModelServer {
         };
         Ok(Self {
             jobs,
+            metrics,
             streams: Arc::new(Semaphore::new(config.max_concurrent_streams)),
             config: Arc::new(config),
             device,
@@ -132,6 +139,43 @@ impl ModelServer {
         ModelServiceServer::new(self)
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit)
+    }
+
+    fn count_request<T>(&self, rpc: &'static str, result: &RpcResult<T>) {
+        let code = match result {
+            Ok(_) => "Ok".to_string(),
+            Err(status) => format!("{:?}", status.code()),
+        };
+        self.metrics.add(
+            "asr_model_requests_total",
+            "RPCs started, by method and status code.",
+            vec![("rpc", rpc.into()), ("code", code)],
+            1.0,
+        );
+    }
+
+    /// Gauges sampled when metrics are read.
+    fn sample_gauges(&self) {
+        if let Some(engine) = &self.engine {
+            self.metrics.set(
+                "asr_model_queue_depth",
+                "Windows waiting for or in the scheduler.",
+                vec![],
+                engine.queue_depth() as f64,
+            );
+            self.metrics.set(
+                "asr_model_loaded_adapters",
+                "Adapters in memory.",
+                vec![],
+                engine.loaded_adapters().len() as f64,
+            );
+        }
+        self.metrics.set(
+            "asr_model_active_streams",
+            "Transcribe streams being served.",
+            vec![],
+            (self.config.max_concurrent_streams - self.streams.available_permits()) as f64,
+        );
     }
 
     /// The scheduler, once a model was configured.
@@ -231,6 +275,7 @@ impl ModelServer {
             max_audio_seconds: self.config.max_audio_seconds,
             windows_in_flight: self.config.windows_in_flight,
             started,
+            metrics: self.metrics.clone(),
             _permit: permit,
             _adapter_use: adapter_use,
         };
@@ -255,411 +300,497 @@ impl ModelService for ModelServer {
         &self,
         request: Request<Streaming<pb::TranscribeFramesRequest>>,
     ) -> RpcResult<Self::TranscribeStream> {
-        Ok(Response::new(self.start_transcribe(request).await?))
+        let result: RpcResult<Self::TranscribeStream> =
+            async { Ok(Response::new(self.start_transcribe(request).await?)) }.await;
+        self.count_request("Transcribe", &result);
+        result
     }
 
     async fn get_model_info(
         &self,
         _: Request<pb::GetModelInfoRequest>,
     ) -> RpcResult<pb::ModelInfo> {
-        let config = &self.config;
-        let mut info = pb::ModelInfo {
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            device: device::describe(self.device),
-            weight_precision: self.weight_precision() as i32,
-            compute_precision: self.compute_precision() as i32,
-            limits: Some(pb::ModelLimits {
-                queue_capacity: config.queue_capacity as u32,
-                max_concurrent_streams: config.max_concurrent_streams as u32,
-                max_frames_per_window: 3000,
-                max_beam_size: MAX_BEAM_SIZE,
-                max_target_positions: 448,
-                max_loaded_adapters: config.max_loaded_adapters as u32,
-                max_message_bytes: config.max_message_bytes as u64,
-                max_audio_seconds: config.max_audio_seconds,
-            }),
-            ..Default::default()
-        };
-        // Without a model the service still answers (adapters, datasets); with one that is
-        // loading it is UNAVAILABLE.
-        if let Some(engine) = &self.engine {
-            match engine.state() {
-                EngineState::Ready(model) => {
-                    info.model_name = model.name.clone();
-                    info.n_mels = model.n_mels as u32;
-                    info.vocab_size = model.vocab_size;
-                    info.multilingual = model.multilingual;
-                    info.languages = model.languages.clone();
-                    info.encoder_layers = model.encoder_layers as u32;
-                    info.decoder_layers = model.decoder_layers as u32;
-                    info.d_model = model.d_model as u32;
-                    if let Some(limits) = info.limits.as_mut() {
-                        limits.max_target_positions = model.max_target_positions as u32;
+        let result: RpcResult<pb::ModelInfo> = async {
+            let config = &self.config;
+            let mut info = pb::ModelInfo {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                device: device::describe(self.device),
+                weight_precision: self.weight_precision() as i32,
+                compute_precision: self.compute_precision() as i32,
+                limits: Some(pb::ModelLimits {
+                    queue_capacity: config.queue_capacity as u32,
+                    max_concurrent_streams: config.max_concurrent_streams as u32,
+                    max_frames_per_window: 3000,
+                    max_beam_size: MAX_BEAM_SIZE,
+                    max_target_positions: 448,
+                    max_loaded_adapters: config.max_loaded_adapters as u32,
+                    max_message_bytes: config.max_message_bytes as u64,
+                    max_audio_seconds: config.max_audio_seconds,
+                }),
+                ..Default::default()
+            };
+            // Without a model the service still answers (adapters, datasets); with one that is
+            // loading it is UNAVAILABLE.
+            if let Some(engine) = &self.engine {
+                match engine.state() {
+                    EngineState::Ready(model) => {
+                        info.model_name = model.name.clone();
+                        info.n_mels = model.n_mels as u32;
+                        info.vocab_size = model.vocab_size;
+                        info.multilingual = model.multilingual;
+                        info.languages = model.languages.clone();
+                        info.encoder_layers = model.encoder_layers as u32;
+                        info.decoder_layers = model.decoder_layers as u32;
+                        info.d_model = model.d_model as u32;
+                        if let Some(limits) = info.limits.as_mut() {
+                            limits.max_target_positions = model.max_target_positions as u32;
+                        }
+                    }
+                    EngineState::Loading => return Err(ModelError::Loading.into()),
+                    EngineState::Failed(reason) => {
+                        return Err(ModelError::LoadFailed(reason).into())
                     }
                 }
-                EngineState::Loading => return Err(ModelError::Loading.into()),
-                EngineState::Failed(reason) => return Err(ModelError::LoadFailed(reason).into()),
             }
+            Ok(Response::new(info))
         }
-        Ok(Response::new(info))
+        .await;
+        self.count_request("GetModelInfo", &result);
+        result
     }
 
     async fn ingest_examples(
         &self,
         request: Request<Streaming<pb::IngestExamplesRequest>>,
     ) -> RpcResult<Self::IngestExamplesStream> {
-        let engine = self.engine()?;
-        let model = engine.ready()?;
-        let labels = self.labels.clone().ok_or(ModelError::NoModel)?;
-        let context = IngestContext {
-            store: self.datasets.clone(),
-            model,
-            labels: labels.clone(),
-            ingesting: self.ingesting.clone(),
-        };
-        let mut inbound = request.into_inner();
-        let (appender, split, guard) = ingest::open(&context, &mut inbound).await?;
-        let (acks, responses) = mpsc::channel(EVENTS_BUFFERED);
-        tokio::spawn(ingest::run(labels, appender, split, guard, inbound, acks));
-        Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
+        let result: RpcResult<Self::IngestExamplesStream> = async {
+            let engine = self.engine()?;
+            let model = engine.ready()?;
+            let labels = self.labels.clone().ok_or(ModelError::NoModel)?;
+            let context = IngestContext {
+                store: self.datasets.clone(),
+                model,
+                labels: labels.clone(),
+                ingesting: self.ingesting.clone(),
+            };
+            let mut inbound = request.into_inner();
+            let (appender, split, guard) = ingest::open(&context, &mut inbound).await?;
+            let (acks, responses) = mpsc::channel(EVENTS_BUFFERED);
+            tokio::spawn(ingest::run(labels, appender, split, guard, inbound, acks));
+            let stream: Self::IngestExamplesStream = Box::pin(ReceiverStream::new(responses));
+            Ok(Response::new(stream))
+        }
+        .await;
+        self.count_request("IngestExamples", &result);
+        result
     }
 
     async fn list_datasets(
         &self,
         request: Request<pb::ListDatasetsRequest>,
     ) -> RpcResult<pb::ListDatasetsResponse> {
-        let request = request.into_inner();
-        let page_size = match request.page_size {
-            0 => 100,
-            n => n.min(1000) as usize,
-        };
-        if !request.page_token.is_empty() {
-            validate_name(&request.page_token, "page_token")?;
+        let result: RpcResult<pb::ListDatasetsResponse> = async {
+            let request = request.into_inner();
+            let page_size = match request.page_size {
+                0 => 100,
+                n => n.min(1000) as usize,
+            };
+            if !request.page_token.is_empty() {
+                validate_name(&request.page_token, "page_token")?;
+            }
+            let store = self.datasets.clone();
+            let token = request.page_token.clone();
+            let mut datasets =
+                tokio::task::spawn_blocking(move || -> Result<Vec<pb::Dataset>, ModelError> {
+                    store
+                        .names()?
+                        .into_iter()
+                        .filter(|n| token.is_empty() || *n > token)
+                        .take(page_size + 1)
+                        .map(|n| store.get(&n).map(|d| d.to_proto()))
+                        .collect()
+                })
+                .await
+                .map_err(ModelError::internal)??;
+            let next_page_token = if datasets.len() > page_size {
+                datasets.truncate(page_size);
+                datasets.last().map(|d| d.name.clone()).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            Ok(Response::new(pb::ListDatasetsResponse {
+                datasets,
+                next_page_token,
+            }))
         }
-        let store = self.datasets.clone();
-        let token = request.page_token.clone();
-        let mut datasets =
-            tokio::task::spawn_blocking(move || -> Result<Vec<pb::Dataset>, ModelError> {
-                store
-                    .names()?
-                    .into_iter()
-                    .filter(|n| token.is_empty() || *n > token)
-                    .take(page_size + 1)
-                    .map(|n| store.get(&n).map(|d| d.to_proto()))
-                    .collect()
-            })
-            .await
-            .map_err(ModelError::internal)??;
-        let next_page_token = if datasets.len() > page_size {
-            datasets.truncate(page_size);
-            datasets.last().map(|d| d.name.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
-        Ok(Response::new(pb::ListDatasetsResponse {
-            datasets,
-            next_page_token,
-        }))
+        .await;
+        self.count_request("ListDatasets", &result);
+        result
     }
 
     async fn get_dataset(&self, request: Request<pb::GetDatasetRequest>) -> RpcResult<pb::Dataset> {
-        let name = request.into_inner().name;
-        let store = self.datasets.clone();
-        let dataset = tokio::task::spawn_blocking(move || store.get(&name))
-            .await
-            .map_err(ModelError::internal)??;
-        Ok(Response::new(dataset.to_proto()))
+        let result: RpcResult<pb::Dataset> = async {
+            let name = request.into_inner().name;
+            let store = self.datasets.clone();
+            let dataset = tokio::task::spawn_blocking(move || store.get(&name))
+                .await
+                .map_err(ModelError::internal)??;
+            Ok(Response::new(dataset.to_proto()))
+        }
+        .await;
+        self.count_request("GetDataset", &result);
+        result
     }
 
     async fn delete_dataset(
         &self,
         request: Request<pb::DeleteDatasetRequest>,
     ) -> RpcResult<pb::DeleteDatasetResponse> {
-        let name = request.into_inner().name;
-        self.datasets.get(&name)?;
-        if self
-            .ingesting
-            .lock()
-            .map_err(ModelError::internal)?
-            .contains(&name)
-        {
-            return Err(ModelError::FailedPrecondition(format!(
-                "dataset {name:?} is being ingested"
-            ))
-            .into());
+        let result: RpcResult<pb::DeleteDatasetResponse> = async {
+            let name = request.into_inner().name;
+            self.datasets.get(&name)?;
+            if self
+                .ingesting
+                .lock()
+                .map_err(ModelError::internal)?
+                .contains(&name)
+            {
+                return Err(ModelError::FailedPrecondition(format!(
+                    "dataset {name:?} is being ingested"
+                ))
+                .into());
+            }
+            if self.jobs.as_ref().is_some_and(|j| j.uses_dataset(&name)) {
+                return Err(ModelError::FailedPrecondition(format!(
+                    "dataset {name:?} is used by a queued or running training job"
+                ))
+                .into());
+            }
+            self.datasets.delete(&name)?;
+            tracing::info!(dataset = %name, "dataset deleted");
+            Ok(Response::new(pb::DeleteDatasetResponse {}))
         }
-        if self.jobs.as_ref().is_some_and(|j| j.uses_dataset(&name)) {
-            return Err(ModelError::FailedPrecondition(format!(
-                "dataset {name:?} is used by a queued or running training job"
-            ))
-            .into());
-        }
-        self.datasets.delete(&name)?;
-        tracing::info!(dataset = %name, "dataset deleted");
-        Ok(Response::new(pb::DeleteDatasetResponse {}))
+        .await;
+        self.count_request("DeleteDataset", &result);
+        result
     }
 
     async fn start_training(
         &self,
         request: Request<pb::StartTrainingRequest>,
     ) -> RpcResult<pb::TrainingJob> {
-        let jobs = self.jobs.as_ref().ok_or(ModelError::NoModel)?;
-        let request = request.into_inner();
-        let spec = JobSpec::from_request(&request)?;
-        let model = self.engine()?.ready()?;
-        for (data, field) in [
-            (Some(&spec.train), "train_dataset"),
-            (spec.eval.as_ref(), "eval_dataset"),
-        ] {
-            let Some(data) = data else { continue };
-            let dataset = self.datasets.get(&data.dataset).map_err(|e| match e {
-                ModelError::NotFound { .. } => ModelError::NotFound {
-                    what: if field == "train_dataset" {
-                        "train_dataset.dataset"
-                    } else {
-                        "eval_dataset.dataset"
-                    },
-                    name: data.dataset.clone(),
-                },
-                other => other,
-            })?;
-            if dataset.meta.n_mels != model.n_mels {
-                return Err(ModelError::FailedPrecondition(format!(
-                    "{field}: dataset {:?} holds {}-mel features; the model takes {}",
-                    data.dataset, dataset.meta.n_mels, model.n_mels
-                ))
-                .into());
-            }
-            if dataset.split(&data.split).next().is_none() {
-                return Err(if dataset.examples.is_empty() {
-                    ModelError::FailedPrecondition(format!(
-                        "{field}: dataset {:?} is empty",
-                        data.dataset
-                    ))
-                } else {
-                    ModelError::NotFound {
+        let result: RpcResult<pb::TrainingJob> = async {
+            let jobs = self.jobs.as_ref().ok_or(ModelError::NoModel)?;
+            let request = request.into_inner();
+            let spec = JobSpec::from_request(&request)?;
+            let model = self.engine()?.ready()?;
+            for (data, field) in [
+                (Some(&spec.train), "train_dataset"),
+                (spec.eval.as_ref(), "eval_dataset"),
+            ] {
+                let Some(data) = data else { continue };
+                let dataset = self.datasets.get(&data.dataset).map_err(|e| match e {
+                    ModelError::NotFound { .. } => ModelError::NotFound {
                         what: if field == "train_dataset" {
-                            "train_dataset.split"
+                            "train_dataset.dataset"
                         } else {
-                            "eval_dataset.split"
+                            "eval_dataset.dataset"
                         },
-                        name: data.split.clone(),
-                    }
+                        name: data.dataset.clone(),
+                    },
+                    other => other,
+                })?;
+                if dataset.meta.n_mels != model.n_mels {
+                    return Err(ModelError::FailedPrecondition(format!(
+                        "{field}: dataset {:?} holds {}-mel features; the model takes {}",
+                        data.dataset, dataset.meta.n_mels, model.n_mels
+                    ))
+                    .into());
                 }
-                .into());
+                if dataset.split(&data.split).next().is_none() {
+                    return Err(if dataset.examples.is_empty() {
+                        ModelError::FailedPrecondition(format!(
+                            "{field}: dataset {:?} is empty",
+                            data.dataset
+                        ))
+                    } else {
+                        ModelError::NotFound {
+                            what: if field == "train_dataset" {
+                                "train_dataset.split"
+                            } else {
+                                "eval_dataset.split"
+                            },
+                            name: data.split.clone(),
+                        }
+                    }
+                    .into());
+                }
+                if field == "train_dataset"
+                    && spec.language.is_empty()
+                    && dataset.meta.language.is_empty()
+                {
+                    return Err(ModelError::invalid(
+                        "hyperparameters.language",
+                        "required: the train dataset records no language",
+                    )
+                    .into());
+                }
             }
-            if field == "train_dataset"
-                && spec.language.is_empty()
-                && dataset.meta.language.is_empty()
-            {
+            if !spec.language.is_empty() && !model.languages.contains(&spec.language) {
                 return Err(ModelError::invalid(
                     "hyperparameters.language",
-                    "required: the train dataset records no language",
+                    format!("{:?} is not a language this model knows", spec.language),
                 )
                 .into());
             }
-        }
-        if !spec.language.is_empty() && !model.languages.contains(&spec.language) {
-            return Err(ModelError::invalid(
-                "hyperparameters.language",
-                format!("{:?} is not a language this model knows", spec.language),
-            )
-            .into());
-        }
-        spec.mixed_precision(self.device)?;
-        if self.registry.exists(&spec.output_adapter) {
-            return Err(ModelError::AlreadyExists {
-                what: "adapter",
-                name: spec.output_adapter.clone(),
+            spec.mixed_precision(self.device)?;
+            if self.registry.exists(&spec.output_adapter) {
+                return Err(ModelError::AlreadyExists {
+                    what: "adapter",
+                    name: spec.output_adapter.clone(),
+                }
+                .into());
             }
-            .into());
+            let job = jobs.start(request)?;
+            tracing::info!(job = %job.id, "training job queued");
+            Ok(Response::new(job))
         }
-        let job = jobs.start(request)?;
-        tracing::info!(job = %job.id, "training job queued");
-        Ok(Response::new(job))
+        .await;
+        self.count_request("StartTraining", &result);
+        result
     }
 
     async fn watch_training(
         &self,
         request: Request<pb::WatchTrainingRequest>,
     ) -> RpcResult<Self::WatchTrainingStream> {
-        let jobs = self.jobs.as_ref().ok_or(ModelError::NoModel)?;
-        let request = request.into_inner();
-        Ok(Response::new(Box::pin(
-            jobs.watch(&request.job_id, request.from_event_index)?,
-        )))
+        let result: RpcResult<Self::WatchTrainingStream> = async {
+            let jobs = self.jobs.as_ref().ok_or(ModelError::NoModel)?;
+            let request = request.into_inner();
+            let stream: Self::WatchTrainingStream =
+                Box::pin(jobs.watch(&request.job_id, request.from_event_index)?);
+            Ok(Response::new(stream))
+        }
+        .await;
+        self.count_request("WatchTraining", &result);
+        result
     }
 
     async fn list_training_jobs(
         &self,
         request: Request<pb::ListTrainingJobsRequest>,
     ) -> RpcResult<pb::ListTrainingJobsResponse> {
-        let request = request.into_inner();
-        let Some(jobs) = &self.jobs else {
-            return Ok(Response::new(pb::ListTrainingJobsResponse::default()));
-        };
-        let page_size = match request.page_size {
-            0 => 100,
-            n => n.min(1000) as usize,
-        };
-        let all = jobs.list(&request.states)?;
-        let start = if request.page_token.is_empty() {
-            0
-        } else {
-            all.iter()
-                .position(|j| j.id == request.page_token)
-                .map(|i| i + 1)
-                .ok_or_else(|| ModelError::invalid("page_token", "not a job id of this listing"))?
-        };
-        let page: Vec<pb::TrainingJob> = all.iter().skip(start).take(page_size).cloned().collect();
-        let next_page_token = if start + page.len() < all.len() {
-            page.last().map(|j| j.id.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
-        Ok(Response::new(pb::ListTrainingJobsResponse {
-            jobs: page,
-            next_page_token,
-        }))
+        let result: RpcResult<pb::ListTrainingJobsResponse> = async {
+            let request = request.into_inner();
+            let Some(jobs) = &self.jobs else {
+                return Ok(Response::new(pb::ListTrainingJobsResponse::default()));
+            };
+            let page_size = match request.page_size {
+                0 => 100,
+                n => n.min(1000) as usize,
+            };
+            let all = jobs.list(&request.states)?;
+            let start = if request.page_token.is_empty() {
+                0
+            } else {
+                all.iter()
+                    .position(|j| j.id == request.page_token)
+                    .map(|i| i + 1)
+                    .ok_or_else(|| {
+                        ModelError::invalid("page_token", "not a job id of this listing")
+                    })?
+            };
+            let page: Vec<pb::TrainingJob> =
+                all.iter().skip(start).take(page_size).cloned().collect();
+            let next_page_token = if start + page.len() < all.len() {
+                page.last().map(|j| j.id.clone()).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            Ok(Response::new(pb::ListTrainingJobsResponse {
+                jobs: page,
+                next_page_token,
+            }))
+        }
+        .await;
+        self.count_request("ListTrainingJobs", &result);
+        result
     }
 
     async fn get_training_job(
         &self,
         request: Request<pb::GetTrainingJobRequest>,
     ) -> RpcResult<pb::TrainingJob> {
-        let jobs = self.jobs.as_ref().ok_or(ModelError::NoModel)?;
-        Ok(Response::new(jobs.get(&request.into_inner().job_id)?))
+        let result: RpcResult<pb::TrainingJob> = async {
+            let jobs = self.jobs.as_ref().ok_or(ModelError::NoModel)?;
+            Ok(Response::new(jobs.get(&request.into_inner().job_id)?))
+        }
+        .await;
+        self.count_request("GetTrainingJob", &result);
+        result
     }
 
     async fn cancel_training(
         &self,
         request: Request<pb::CancelTrainingRequest>,
     ) -> RpcResult<pb::TrainingJob> {
-        let jobs = self.jobs.as_ref().ok_or(ModelError::NoModel)?;
-        let id = request.into_inner().job_id;
-        let job = jobs.cancel(&id)?;
-        tracing::info!(job = %id, "training job cancelled");
-        Ok(Response::new(job))
+        let result: RpcResult<pb::TrainingJob> = async {
+            let jobs = self.jobs.as_ref().ok_or(ModelError::NoModel)?;
+            let id = request.into_inner().job_id;
+            let job = jobs.cancel(&id)?;
+            tracing::info!(job = %id, "training job cancelled");
+            Ok(Response::new(job))
+        }
+        .await;
+        self.count_request("CancelTraining", &result);
+        result
     }
 
     async fn list_adapters(
         &self,
         request: Request<pb::ListAdaptersRequest>,
     ) -> RpcResult<pb::ListAdaptersResponse> {
-        let request = request.into_inner();
-        let page_size = match request.page_size {
-            0 => 100,
-            n => n.min(1000) as usize,
-        };
-        if !request.page_token.is_empty() {
-            validate_name(&request.page_token, "page_token")?;
+        let result: RpcResult<pb::ListAdaptersResponse> = async {
+            let request = request.into_inner();
+            let page_size = match request.page_size {
+                0 => 100,
+                n => n.min(1000) as usize,
+            };
+            if !request.page_token.is_empty() {
+                validate_name(&request.page_token, "page_token")?;
+            }
+            let loaded = self
+                .engine
+                .as_ref()
+                .map(Engine::loaded_adapters)
+                .unwrap_or_default();
+            let mut adapters: Vec<pb::AdapterInfo> = self
+                .registry
+                .list()?
+                .into_iter()
+                .filter(|a| request.page_token.is_empty() || a.name > request.page_token)
+                .map(|a| {
+                    let mut info = a.info;
+                    info.loaded = loaded.contains(&a.name);
+                    info
+                })
+                .filter(|info| !request.loaded_only || info.loaded)
+                .take(page_size + 1)
+                .collect();
+            let next_page_token = if adapters.len() > page_size {
+                adapters.truncate(page_size);
+                adapters.last().map(|a| a.name.clone()).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            Ok(Response::new(pb::ListAdaptersResponse {
+                adapters,
+                next_page_token,
+            }))
         }
-        let loaded = self
-            .engine
-            .as_ref()
-            .map(Engine::loaded_adapters)
-            .unwrap_or_default();
-        let mut adapters: Vec<pb::AdapterInfo> = self
-            .registry
-            .list()?
-            .into_iter()
-            .filter(|a| request.page_token.is_empty() || a.name > request.page_token)
-            .map(|a| {
-                let mut info = a.info;
-                info.loaded = loaded.contains(&a.name);
-                info
-            })
-            .filter(|info| !request.loaded_only || info.loaded)
-            .take(page_size + 1)
-            .collect();
-        let next_page_token = if adapters.len() > page_size {
-            adapters.truncate(page_size);
-            adapters.last().map(|a| a.name.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
-        Ok(Response::new(pb::ListAdaptersResponse {
-            adapters,
-            next_page_token,
-        }))
+        .await;
+        self.count_request("ListAdapters", &result);
+        result
     }
 
     async fn get_adapter(
         &self,
         request: Request<pb::GetAdapterRequest>,
     ) -> RpcResult<pb::AdapterInfo> {
-        Ok(Response::new(
-            self.adapter_info(&request.into_inner().name)?,
-        ))
+        let result: RpcResult<pb::AdapterInfo> = async {
+            Ok(Response::new(
+                self.adapter_info(&request.into_inner().name)?,
+            ))
+        }
+        .await;
+        self.count_request("GetAdapter", &result);
+        result
     }
 
     async fn load_adapter(
         &self,
         request: Request<pb::LoadAdapterRequest>,
     ) -> RpcResult<pb::AdapterInfo> {
-        let request = request.into_inner();
-        validate_name(&request.name, "name")?;
-        let engine = self.engine()?;
-        engine.ready()?;
-        let stored = if request.source_dir.is_empty() {
-            self.registry.get(&request.name)?
-        } else {
-            let registry = self.registry.clone();
-            let (name, source) = (
-                request.name.clone(),
-                std::path::PathBuf::from(&request.source_dir),
-            );
-            tokio::task::spawn_blocking(move || registry.import(&name, &source))
-                .await
-                .map_err(ModelError::internal)??
-        };
-        engine.load_adapter(&stored.name, stored.dir).await?;
-        tracing::info!(adapter = %request.name, "adapter loaded");
-        Ok(Response::new(self.adapter_info(&request.name)?))
+        let result: RpcResult<pb::AdapterInfo> = async {
+            let request = request.into_inner();
+            validate_name(&request.name, "name")?;
+            let engine = self.engine()?;
+            engine.ready()?;
+            let stored = if request.source_dir.is_empty() {
+                self.registry.get(&request.name)?
+            } else {
+                let registry = self.registry.clone();
+                let (name, source) = (
+                    request.name.clone(),
+                    std::path::PathBuf::from(&request.source_dir),
+                );
+                tokio::task::spawn_blocking(move || registry.import(&name, &source))
+                    .await
+                    .map_err(ModelError::internal)??
+            };
+            engine.load_adapter(&stored.name, stored.dir).await?;
+            tracing::info!(adapter = %request.name, "adapter loaded");
+            Ok(Response::new(self.adapter_info(&request.name)?))
+        }
+        .await;
+        self.count_request("LoadAdapter", &result);
+        result
     }
 
     async fn unload_adapter(
         &self,
         request: Request<pb::UnloadAdapterRequest>,
     ) -> RpcResult<pb::AdapterInfo> {
-        let name = request.into_inner().name;
-        self.registry.get(&name)?;
-        if let Some(engine) = &self.engine {
-            engine.unload_adapter(&name).await?;
+        let result: RpcResult<pb::AdapterInfo> = async {
+            let name = request.into_inner().name;
+            self.registry.get(&name)?;
+            if let Some(engine) = &self.engine {
+                engine.unload_adapter(&name).await?;
+            }
+            Ok(Response::new(self.adapter_info(&name)?))
         }
-        Ok(Response::new(self.adapter_info(&name)?))
+        .await;
+        self.count_request("UnloadAdapter", &result);
+        result
     }
 
     async fn delete_adapter(
         &self,
         request: Request<pb::DeleteAdapterRequest>,
     ) -> RpcResult<pb::DeleteAdapterResponse> {
-        let name = request.into_inner().name;
-        self.registry.get(&name)?;
-        let users = self
-            .adapter_users
-            .lock()
-            .map(|u| u.get(&name).copied().unwrap_or(0))
-            .unwrap_or(0);
-        if users > 0 {
-            return Err(ModelError::FailedPrecondition(format!(
-                "adapter {name:?} is used by {users} Transcribe stream(s)"
-            ))
-            .into());
+        let result: RpcResult<pb::DeleteAdapterResponse> = async {
+            let name = request.into_inner().name;
+            self.registry.get(&name)?;
+            let users = self
+                .adapter_users
+                .lock()
+                .map(|u| u.get(&name).copied().unwrap_or(0))
+                .unwrap_or(0);
+            if users > 0 {
+                return Err(ModelError::FailedPrecondition(format!(
+                    "adapter {name:?} is used by {users} Transcribe stream(s)"
+                ))
+                .into());
+            }
+            if let Some(engine) = &self.engine {
+                engine.unload_adapter(&name).await?;
+            }
+            self.registry.delete(&name)?;
+            tracing::info!(adapter = %name, "adapter deleted");
+            Ok(Response::new(pb::DeleteAdapterResponse {}))
         }
-        if let Some(engine) = &self.engine {
-            engine.unload_adapter(&name).await?;
-        }
-        self.registry.delete(&name)?;
-        tracing::info!(adapter = %name, "adapter deleted");
-        Ok(Response::new(pb::DeleteAdapterResponse {}))
+        .await;
+        self.count_request("DeleteAdapter", &result);
+        result
     }
 
     async fn merge_adapters(
         &self,
         _: Request<pb::MergeAdaptersRequest>,
     ) -> RpcResult<pb::AdapterInfo> {
-        later("MergeAdapters")
+        let result: RpcResult<pb::AdapterInfo> = async { later("MergeAdapters") }.await;
+        self.count_request("MergeAdapters", &result);
+        result
     }
 }
 
@@ -681,6 +812,16 @@ pub async fn serve_server(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let grace = std::time::Duration::from_secs_f64(server.config.drain_seconds);
+    if let Some(address) = &server.config.metrics_listen {
+        let listener = TcpListener::bind(address).await?;
+        tracing::info!(metrics_address = %listener.local_addr()?, "metrics on /metrics");
+        let sampler = server.clone();
+        tokio::spawn(asr_runtime::metrics::serve_metrics(
+            listener,
+            server.metrics.clone(),
+            Arc::new(move |_| sampler.sample_gauges()),
+        ));
+    }
     let router =
         asr_runtime::router_with_health_and_reflection::<ModelServiceServer<ModelServer>>()
             .await?

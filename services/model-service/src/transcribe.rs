@@ -38,6 +38,7 @@ pub struct StreamContext {
     /// Windows of this stream decoding at once once its language is known.
     pub windows_in_flight: usize,
     pub started: Instant,
+    pub metrics: asr_runtime::metrics::Registry,
     /// Held for the stream's life (max_concurrent_streams).
     pub _permit: OwnedSemaphorePermit,
     /// Marks the adapter in use while the stream runs.
@@ -482,6 +483,28 @@ impl Session {
             segment_count: self.segments_sent,
             window_count: self.frames_received.div_ceil(WINDOW_FRAMES as u64) as u32,
         };
+        let metrics = &self.context.metrics;
+        metrics.add(
+            "asr_model_audio_seconds_total",
+            "Audio transcribed, seconds.",
+            vec![],
+            audio_seconds,
+        );
+        metrics.add(
+            "asr_model_processing_seconds_total",
+            "Wall time of finished Transcribe streams, seconds.",
+            vec![],
+            processing_seconds,
+        );
+        if audio_seconds > 0.0 {
+            metrics.observe(
+                "asr_model_real_time_factor",
+                "Processing seconds per audio second of each Transcribe stream.",
+                vec![],
+                &[0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0],
+                processing_seconds / audio_seconds,
+            );
+        }
         self.send(pb::transcribe_response::Event::Summary(summary))
             .await
     }

@@ -33,6 +33,8 @@ async fn binary_runs_without_library_path_and_stops_on_sigterm() {
             "json",
             "--drain-seconds",
             "1",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ])
         .env_remove("LD_LIBRARY_PATH")
         .env_remove("LIBTORCH")
@@ -42,12 +44,16 @@ async fn binary_runs_without_library_path_and_stops_on_sigterm() {
     let mut child = KillOnDrop(child);
     let stderr = child.0.stderr.take().expect("stderr");
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (metrics_tx, metrics_rx) = std::sync::mpsc::channel();
     let log_reader = std::thread::spawn(move || {
         let mut lines = Vec::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) {
                 if let Some(addr) = entry["fields"]["address"].as_str() {
                     let _ = addr_tx.send(addr.to_string());
+                }
+                if let Some(addr) = entry["fields"]["metrics_address"].as_str() {
+                    let _ = metrics_tx.send(addr.to_string());
                 }
             }
             lines.push(line);
@@ -99,6 +105,29 @@ async fn binary_runs_without_library_path_and_stops_on_sigterm() {
         .expect_err("no model");
     assert_eq!(no_model.code(), tonic::Code::FailedPrecondition);
     assert!(no_model.message().contains("--model"), "{no_model:?}");
+
+    // Prometheus text on /metrics, with the requests just made counted by code.
+    let metrics_addr = metrics_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the service logs its metrics address");
+    let mut socket = std::net::TcpStream::connect(&metrics_addr).expect("metrics socket");
+    use std::io::{Read, Write};
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .expect("request");
+    let mut body = String::new();
+    socket.read_to_string(&mut body).expect("response");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(
+        body.contains(
+            "asr_model_requests_total{rpc=\"LoadAdapter\",code=\"FailedPrecondition\"} 1"
+        ),
+        "{body}"
+    );
+    assert!(
+        body.contains("# TYPE asr_model_active_streams gauge"),
+        "{body}"
+    );
 
     // The client keeps its connection open: the drain deadline must still let the process go.
     let killed = Command::new("kill")

@@ -1,6 +1,7 @@
 //! What every service binary shares: logging and OpenTelemetry export ([`telemetry`]), and
 //! serving gRPC with health, reflection, a shutdown signal and a drain deadline ([`serve`]).
 
+pub mod metrics;
 pub mod serve;
 pub mod telemetry;
 

@@ -2,6 +2,7 @@
 //! in one run and print ratios.
 
 mod features;
+mod services;
 mod train;
 mod train_speed;
 mod transcribe;
@@ -19,6 +20,9 @@ pub enum BenchCommand {
     Features(features::FeatureBenchArgs),
     /// Transcription of the espeak test split: ours int8/fp32 vs faster-whisper int8 and HF fp32.
     Transcribe(transcribe::TranscribeBenchArgs),
+    /// Transcription through both services with 1, 4 and 8 concurrent clients, against the
+    /// in-process path: throughput, latency, the cost of the hops, the gain from batching.
+    Services(services::ServicesBenchArgs),
     /// LoRA training: ours (int8 base) vs HF PEFT (fp32) on the espeak training split, with
     /// CER before and after.
     Train(train::TrainBenchArgs),
@@ -34,6 +38,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Features(args) => features::run(args),
         BenchCommand::Transcribe(args) => transcribe::run(args),
+        BenchCommand::Services(args) => services::run(args),
         BenchCommand::Train(args) => train::run_bench(args),
         BenchCommand::TrainSpeed(args) => train_speed::run(args),
         BenchCommand::TranscribeWorker(args) => transcribe::worker(args),

@@ -32,6 +32,7 @@ pub struct Runner {
     pub registry: Registry,
     pub model_dir: PathBuf,
     pub device: Device,
+    pub metrics: asr_runtime::metrics::Registry,
 }
 
 impl Runner {
@@ -248,7 +249,16 @@ impl Runner {
         }
         let jobs = &self.jobs;
         let logging_steps = spec.logging_steps.max(1) as i64;
+        let metrics = &self.metrics;
+        let last_step = std::cell::Cell::new(Instant::now());
         let on_step = |log: &StepLog| {
+            metrics.observe(
+                "asr_model_training_step_seconds",
+                "Wall time of one optimiser step (with its gradient accumulation).",
+                vec![],
+                &[0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0],
+                last_step.replace(Instant::now()).elapsed().as_secs_f64(),
+            );
             let _ = jobs.update(id, |r| {
                 r.global_step = log.step as u64;
                 r.epoch = log.epoch as f32;
