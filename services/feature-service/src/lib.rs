@@ -10,7 +10,7 @@
 //! - [`relay`]: the Transcribe stream: the same frames relayed to the model service, its
 //!   events relayed back;
 //! - [`model_link`]: the lazily connecting channel to the model service and its errors;
-//! - [`trace_context`]: OpenTelemetry context in and out of gRPC metadata;
+//! - `asr_runtime::trace_context`: OpenTelemetry context in and out of gRPC metadata;
 //! - [`server`]: the tonic server with health and reflection.
 
 pub mod config;
@@ -22,7 +22,7 @@ mod model_link;
 mod reader;
 mod relay;
 pub mod server;
-mod trace_context;
+use asr_runtime::trace_context;
 
 pub use config::FeatureServiceConfig;
 pub use error::FeatureError;

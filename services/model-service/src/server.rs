@@ -27,6 +27,8 @@ use crate::registry::{validate_name, Registry};
 use crate::training::{JobSpec, Jobs, Runner};
 use crate::transcribe::{self, AdapterUse, StreamContext};
 use asr_runtime::metrics::Registry as Metrics;
+use asr_runtime::trace_context::request_span;
+use tracing::Instrument;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 type RpcResult<T> = Result<Response<T>, Status>;
@@ -280,7 +282,7 @@ impl ModelServer {
             _adapter_use: adapter_use,
         };
         let (events, responses) = mpsc::channel(EVENTS_BUFFERED);
-        tokio::spawn(transcribe::run(context, inbound, events));
+        tokio::spawn(transcribe::run(context, inbound, events).in_current_span());
         Ok(Box::pin(ReceiverStream::new(responses)))
     }
 }
@@ -295,13 +297,19 @@ impl ModelService for ModelServer {
     type IngestExamplesStream = ResponseStream<pb::IngestAck>;
     type WatchTrainingStream = ResponseStream<pb::TrainingEvent>;
 
-    #[tracing::instrument(name = "Transcribe", skip_all, fields(remote = ?request.remote_addr()))]
     async fn transcribe(
         &self,
         request: Request<Streaming<pb::TranscribeFramesRequest>>,
     ) -> RpcResult<Self::TranscribeStream> {
+        // A child of the caller's trace (the feature service sends its context).
+        let span = request_span(
+            tracing::info_span!("Transcribe", remote = ?request.remote_addr()),
+            request.metadata(),
+        );
         let result: RpcResult<Self::TranscribeStream> =
-            async { Ok(Response::new(self.start_transcribe(request).await?)) }.await;
+            async { Ok(Response::new(self.start_transcribe(request).await?)) }
+                .instrument(span)
+                .await;
         self.count_request("Transcribe", &result);
         result
     }
