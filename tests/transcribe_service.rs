@@ -652,6 +652,56 @@ async fn per_request_adapters_change_only_their_streams() {
         .expect("scale 0");
     assert_eq!(text_of(&events), base[changed]);
 
+    // Merged with weight 1, LINEAR and CAT are the adapter itself (scaling folded in).
+    for (name, combination) in [
+        ("random-linear", pb::AdapterCombination::Linear),
+        ("random-cat", pb::AdapterCombination::Cat),
+    ] {
+        let info = client
+            .merge_adapters(pb::MergeAdaptersRequest {
+                adapters: vec![pb::WeightedAdapter {
+                    name: "random".into(),
+                    weight: Some(1.0),
+                }],
+                combination: combination as i32,
+                output_name: name.into(),
+                load: true,
+            })
+            .await
+            .expect("merge")
+            .into_inner();
+        assert!(info.loaded);
+        assert_eq!((info.r, info.alpha), (4, 4.0));
+        assert_eq!(info.origin, pb::AdapterOrigin::Merged as i32);
+        let mut messages = vec![config_message(pb::TranscriptionOptions {
+            adapter: name.into(),
+            ..zh()
+        })];
+        messages.extend(frames_messages(&raw_frames(&clips[changed].path), 100));
+        let events = transcribe(&mut client, messages, None)
+            .await
+            .expect("merged adapter");
+        assert_eq!(text_of(&events), adapted[changed], "{name}");
+    }
+    let status = client
+        .merge_adapters(pb::MergeAdaptersRequest {
+            adapters: vec![
+                pb::WeightedAdapter {
+                    name: "random".into(),
+                    weight: Some(1.0),
+                },
+                pb::WeightedAdapter {
+                    name: "random".into(),
+                    weight: Some(f32::NAN),
+                },
+            ],
+            output_name: "bad".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("repeated input");
+    assert_eq!(violation_field(&status), "adapters[1].name");
+
     client
         .delete_adapter(pb::DeleteAdapterRequest {
             name: "random".into(),

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use asr_whisper::longform::Segment as LongSegment;
 use asr_whisper::lora::LinearSite;
+use asr_whisper::lora_combine::{combine, Combination};
 use asr_whisper::{Adapter, DecodeOptions, LoadOptions, LoadedModel, Precision, WindowTranscript};
 use tch::Device;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
@@ -97,6 +98,14 @@ enum Command {
     UnloadAdapter {
         name: String,
         reply: oneshot::Sender<bool>,
+    },
+    /// Combines stored adapters into a new PEFT directory at `output`.
+    Merge {
+        inputs: Vec<(PathBuf, f64)>,
+        combination: Combination,
+        output: PathBuf,
+        base_model: String,
+        reply: oneshot::Sender<Result<(), ModelError>>,
     },
 }
 
@@ -249,6 +258,27 @@ impl Engine {
         answer.await.map_err(|_| ModelError::ShuttingDown)?
     }
 
+    /// Writes the weighted combination of the adapters in `inputs` (directories) to `output`.
+    pub async fn merge_adapters(
+        &self,
+        inputs: Vec<(PathBuf, f64)>,
+        combination: Combination,
+        output: PathBuf,
+        base_model: String,
+    ) -> Result<(), ModelError> {
+        self.ready()?;
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Merge {
+            inputs,
+            combination,
+            output,
+            base_model,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| ModelError::ShuttingDown)?
+    }
+
     /// Frees an adapter's memory; false when it was not loaded.
     pub async fn unload_adapter(&self, name: &str) -> Result<bool, ModelError> {
         if !self.is_loaded(name) {
@@ -383,6 +413,15 @@ impl Worker {
                 let _ = reply.send(removed);
             }
             Command::Window(job) => self.decode_windows(loaded, vec![job]),
+            Command::Merge {
+                inputs,
+                combination,
+                output,
+                base_model,
+                reply,
+            } => {
+                let _ = reply.send(self.merge(loaded, &inputs, combination, &output, &base_model));
+            }
         }
     }
 
@@ -413,6 +452,34 @@ impl Worker {
             set.insert(name.to_string());
         }
         Ok(count)
+    }
+
+    fn merge(
+        &self,
+        loaded: &Loaded,
+        inputs: &[(PathBuf, f64)],
+        combination: Combination,
+        output: &std::path::Path,
+        base_model: &str,
+    ) -> Result<(), ModelError> {
+        let adapters = inputs
+            .iter()
+            .map(|(dir, _)| {
+                Adapter::load_peft(dir, &loaded.sites, self.config.device).map_err(|e| {
+                    ModelError::FailedPrecondition(format!("{}: {e:#}", dir.display()))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let weighted: Vec<(&Adapter, f64)> = adapters
+            .iter()
+            .zip(inputs)
+            .map(|(a, (_, w))| (a, *w))
+            .collect();
+        let merged = tch::no_grad(|| combine(&weighted, combination))
+            .map_err(|e| ModelError::FailedPrecondition(format!("{e:#}")))?;
+        merged
+            .save_peft(output, base_model)
+            .map_err(ModelError::internal)
     }
 
     /// Attaches the chosen adapter (scaled), runs `f`, detaches.
@@ -519,6 +586,9 @@ fn fail(command: Command, error: ModelError) {
         }
         Command::UnloadAdapter { reply, .. } => {
             let _ = reply.send(false);
+        }
+        Command::Merge { reply, .. } => {
+            let _ = reply.send(Err(ModelError::LoadFailed(message)));
         }
     }
 }

@@ -28,6 +28,7 @@ use crate::training::{JobSpec, Jobs, Runner};
 use crate::transcribe::{self, AdapterUse, StreamContext};
 use asr_runtime::metrics::Registry as Metrics;
 use asr_runtime::trace_context::request_span;
+use asr_whisper::lora_combine::Combination;
 use tracing::Instrument;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -154,6 +155,58 @@ impl ModelServer {
             vec![("rpc", rpc.into()), ("code", code)],
             1.0,
         );
+    }
+
+    /// MergeAdapters' inputs checked: (directory, weight) each, and their common base model.
+    fn merge_inputs(
+        &self,
+        request: &pb::MergeAdaptersRequest,
+    ) -> Result<(Vec<(std::path::PathBuf, f64)>, String), ModelError> {
+        if request.adapters.is_empty() {
+            return Err(ModelError::invalid(
+                "adapters",
+                "at least one adapter is needed",
+            ));
+        }
+        validate_name(&request.output_name, "output_name")?;
+        if self.registry.exists(&request.output_name) {
+            return Err(ModelError::AlreadyExists {
+                what: "adapter",
+                name: request.output_name.clone(),
+            });
+        }
+        let mut inputs = Vec::new();
+        let mut base_model: Option<String> = None;
+        for (i, input) in request.adapters.iter().enumerate() {
+            let field = format!("adapters[{i}]");
+            validate_name(&input.name, &format!("{field}.name"))?;
+            if request.adapters[..i].iter().any(|a| a.name == input.name) {
+                return Err(ModelError::invalid(
+                    format!("{field}.name"),
+                    format!("{:?} is listed twice", input.name),
+                ));
+            }
+            let weight = input.weight.unwrap_or(1.0);
+            if !weight.is_finite() {
+                return Err(ModelError::invalid(
+                    format!("{field}.weight"),
+                    format!("{weight} is not finite"),
+                ));
+            }
+            let stored = self.registry.get(&input.name)?;
+            match &base_model {
+                Some(base) if *base != stored.info.base_model => {
+                    return Err(ModelError::FailedPrecondition(format!(
+                        "{:?} was made for {:?}, the first adapter for {base:?}",
+                        input.name, stored.info.base_model
+                    )))
+                }
+                Some(_) => {}
+                None => base_model = Some(stored.info.base_model.clone()),
+            }
+            inputs.push((stored.dir, f64::from(weight)));
+        }
+        Ok((inputs, base_model.unwrap_or_default()))
     }
 
     /// Gauges sampled when metrics are read.
@@ -285,10 +338,6 @@ impl ModelServer {
         tokio::spawn(transcribe::run(context, inbound, events).in_current_span());
         Ok(Box::pin(ReceiverStream::new(responses)))
     }
-}
-
-fn later<T>(rpc: &'static str) -> Result<T, Status> {
-    Err(ModelError::NotImplemented(rpc).into())
 }
 
 #[tonic::async_trait]
@@ -794,9 +843,44 @@ impl ModelService for ModelServer {
 
     async fn merge_adapters(
         &self,
-        _: Request<pb::MergeAdaptersRequest>,
+        request: Request<pb::MergeAdaptersRequest>,
     ) -> RpcResult<pb::AdapterInfo> {
-        let result: RpcResult<pb::AdapterInfo> = async { later("MergeAdapters") }.await;
+        let result: RpcResult<pb::AdapterInfo> = async {
+            let request = request.into_inner();
+            let engine = self.engine()?;
+            let (inputs, base_model) = self.merge_inputs(&request)?;
+            let combination = match pb::AdapterCombination::try_from(request.combination) {
+                Ok(pb::AdapterCombination::Unspecified | pb::AdapterCombination::Linear) => {
+                    Combination::Linear
+                }
+                Ok(pb::AdapterCombination::Cat) => Combination::Cat,
+                Err(_) => {
+                    return Err(ModelError::invalid(
+                        "combination",
+                        format!("unknown value {}", request.combination),
+                    )
+                    .into())
+                }
+            };
+            let name = &request.output_name;
+            let staging = self
+                .registry
+                .dir_of(&format!(".merge-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&staging);
+            let merged = engine
+                .merge_adapters(inputs, combination, staging.clone(), base_model)
+                .await;
+            let installed =
+                merged.and_then(|()| self.registry.install(name, &staging, "merged", "", ""));
+            let _ = std::fs::remove_dir_all(&staging);
+            let stored = installed?;
+            if request.load {
+                engine.load_adapter(&stored.name, stored.dir).await?;
+            }
+            tracing::info!(adapter = %name, "adapters merged");
+            Ok(Response::new(self.adapter_info(name)?))
+        }
+        .await;
         self.count_request("MergeAdapters", &result);
         result
     }

@@ -10,7 +10,8 @@
 //! - [`trainer`]: the recipe's training loop with checkpoints and exact resumption;
 //! - [`evaluation`]: CER by generation, as `predict_with_generate`;
 //! - [`optim`]: AdamW, the linear schedule and gradient clipping, as the HF Trainer uses them;
-//! - [`lora`], [`adapter_io`]: LoRA adapters with PEFT's semantics and file layout;
+//! - [`lora`], [`adapter_io`], [`lora_combine`]: LoRA adapters with PEFT's semantics, file
+//!   layout and weighted combinations;
 //! - [`generation`]: generation_config.json (prompt tokens, suppression);
 //! - [`greedy`], [`beam`]: greedy decoding (and sampling) and openai-style beam search;
 //! - [`fallback`]: temperature fallback, compression ratio and the no-speech rule;
@@ -34,6 +35,7 @@ pub mod labels;
 pub mod linear;
 pub mod longform;
 pub mod lora;
+pub mod lora_combine;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -203,6 +203,20 @@ impl Adapter {
         })
     }
 
+    /// An adapter from its tensors (inference mode).
+    pub(crate) fn from_parts(
+        config: LoraConfig,
+        layers: BTreeMap<String, LoraWeights>,
+        biases: BTreeMap<String, Tensor>,
+    ) -> Self {
+        Self {
+            config,
+            layers,
+            biases,
+            training: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
     /// Dropout on (training) or off (inference).
     pub fn set_training(&self, training: bool) {
         self.training.store(training, Ordering::Relaxed);
