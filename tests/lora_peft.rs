@@ -676,3 +676,64 @@ fn bias_all_adapters_cross_both_ways() {
     );
     assert!(err <= BOUND, "logits differ by {err}");
 }
+
+/// Weighted combinations (PEFT's add_weighted_adapter, LINEAR and CAT) of two PEFT-made
+/// adapters: ours gives PEFT's tensors, rank and alpha.
+#[test]
+fn combined_adapters_match_peft_add_weighted_adapter() {
+    use asr_whisper::lora_combine::{combine, Combination};
+    let mut f = Fixture::new();
+    let sites = f.model.linear_sites();
+    let make = |name: &str, seed: u32, r: u32| {
+        let dir = f.path(name);
+        run_reference(
+            "peft_lora.py",
+            &["make", &f.path("model"), &dir],
+            Some(&format!(
+                r#"{{"r": {r}, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "seed": {seed}}}"#
+            )),
+        );
+        dir
+    };
+    let (x, y, z) = (make("x", 1, 4), make("y", 2, 4), make("z", 3, 2));
+    let load = |dir: &str| Adapter::load_peft(Path::new(dir), &sites, Device::Cpu).expect("load");
+    for (combination, name, second) in [
+        (Combination::Linear, "linear", &y),
+        (Combination::Cat, "cat", &z),
+    ] {
+        let out = f.path(&format!("combined-{name}"));
+        run_reference(
+            "peft_lora.py",
+            &[
+                "combine",
+                &f.path("model"),
+                &out,
+                name,
+                &format!("{x}:0.7"),
+                &format!("{second}:0.4"),
+            ],
+            None,
+        );
+        let theirs = load(&format!("{out}/merged"));
+        let (a, b) = (load(&x), load(second));
+        let ours = combine(&[(&a, 0.7), (&b, 0.4)], combination).expect("combine");
+        assert_eq!(
+            (ours.config.r, ours.config.alpha),
+            (theirs.config.r, theirs.config.alpha),
+            "{name}"
+        );
+        let mut worst = 0f64;
+        for (module, w) in &ours.layers {
+            let t = &theirs.layers[module];
+            worst = worst.max(max_abs(&w.a, &t.a)).max(max_abs(&w.b, &t.b));
+        }
+        println!(
+            "{name}: r {} alpha {}, tensors max |diff| {worst:.2e}",
+            ours.config.r, ours.config.alpha
+        );
+        assert!(
+            worst < 1e-6,
+            "{name}: tensors differ from PEFT's by {worst}"
+        );
+    }
+}

@@ -8,7 +8,10 @@ usage:
   peft_lora.py make MODEL_DIR ADAPTER_DIR < config.json
       makes a PEFT LoRA adapter (LoraConfig from the JSON: r, lora_alpha, target_modules,
       bias) with random non-zero A, B and biases (seed 5), prints PEFT's trainable-parameter
-      line and saves it with save_pretrained.
+      line and saves it with save_pretrained. An optional "seed" (default 5) varies the values.
+  peft_lora.py combine MODEL_DIR OUT_DIR TYPE DIR:WEIGHT...
+      loads each adapter directory, combines them with add_weighted_adapter (combination_type
+      TYPE: linear or cat) and saves the result with save_pretrained to OUT_DIR/merged.
 """
 import json
 import os
@@ -33,7 +36,7 @@ def apply(model_dir, adapter_dir, inputs_path, out_dir):
 
 def make(model_dir, adapter_dir):
     spec = json.load(sys.stdin)
-    torch.manual_seed(5)
+    torch.manual_seed(spec.get("seed", 5))
     model = WhisperForConditionalGeneration.from_pretrained(model_dir, torch_dtype=torch.float32)
     config = LoraConfig(r=spec["r"], lora_alpha=spec["lora_alpha"], target_modules=spec["target_modules"],
                         lora_dropout=0.0, bias=spec.get("bias", "none"))
@@ -46,11 +49,29 @@ def make(model_dir, adapter_dir):
     model.save_pretrained(adapter_dir)
 
 
+def combine(model_dir, out_dir, combination, *inputs):
+    model = WhisperForConditionalGeneration.from_pretrained(model_dir, torch_dtype=torch.float32)
+    names, weights = [], []
+    for i, spec in enumerate(inputs):
+        path, weight = spec.rsplit(":", 1)
+        name = f"a{i}"
+        if i == 0:
+            model = PeftModel.from_pretrained(model, path, adapter_name=name)
+        else:
+            model.load_adapter(path, adapter_name=name)
+        names.append(name)
+        weights.append(float(weight))
+    model.add_weighted_adapter(names, weights, "merged", combination_type=combination)
+    model.save_pretrained(out_dir, selected_adapters=["merged"])
+
+
 def main():
     if sys.argv[1] == "apply":
         apply(*sys.argv[2:6])
     elif sys.argv[1] == "make":
         make(*sys.argv[2:4])
+    elif sys.argv[1] == "combine":
+        combine(*sys.argv[2:])
     else:
         raise SystemExit(__doc__)
 

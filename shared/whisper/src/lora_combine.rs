@@ -1,11 +1,10 @@
 //! Weighted combinations of adapters, as PEFT's `add_weighted_adapter` makes them:
-//! - `Linear` (same rank and layers): `A = sum(sqrt(w) * scaling * A_i)`,
-//!   `B = sum(sqrt(w) * B_i)`, rank unchanged. Like PEFT this is not the weighted sum of the
-//!   deltas when there are several inputs (cross terms); with one input it is exactly `w`
-//!   times it. A negative weight flips the sign of its A (PEFT would take the square root of a
-//!   negative number).
-//! - `Cat` (same layers, any ranks): A stacked, `B = [w_i * scaling_i * B_i]` side by side:
-//!   exactly the weighted sum of the deltas, rank the sum of the ranks.
+//! - `Linear` (same rank and layers): with `k_i = w_i * scaling_i`,
+//!   `A = sum(sign(k_i) sqrt(|k_i|) A_i)` and `B = sum(sqrt(|k_i|) B_i)`, rank unchanged. As in
+//!   PEFT this is not the weighted sum of the deltas when there are several inputs (cross
+//!   terms); with one input it is exactly `w` times it.
+//! - `Cat` (same layers, any ranks): `A = [w_i * scaling_i * A_i]` stacked and the B side by
+//!   side: exactly the weighted sum of the deltas, rank the sum of the ranks.
 //!
 //! The result has `lora_alpha = r` (scaling 1), as PEFT writes it.
 
@@ -59,18 +58,19 @@ pub fn combine(inputs: &[(&Adapter, f64)], combination: Combination) -> anyhow::
                 let mut a = parts[0].0.a.zeros_like();
                 let mut b = parts[0].0.b.zeros_like();
                 for (lora, w, scaling) in &parts {
-                    let root = w.abs().sqrt();
-                    a += &lora.a * (w.signum() * root * scaling);
+                    let k = w * scaling;
+                    let root = k.abs().sqrt();
+                    a += &lora.a * (if k >= 0.0 { root } else { -root });
                     b += &lora.b * root;
                 }
                 LoraWeights { a, b }
             }
             Combination::Cat => {
-                let a: Vec<Tensor> = parts.iter().map(|(l, _, _)| l.a.detach()).collect();
-                let b: Vec<Tensor> = parts
+                let a: Vec<Tensor> = parts
                     .iter()
-                    .map(|(l, w, scaling)| &l.b * (w * scaling))
+                    .map(|(l, w, scaling)| &l.a * (w * scaling))
                     .collect();
+                let b: Vec<Tensor> = parts.iter().map(|(l, _, _)| l.b.detach()).collect();
                 LoraWeights {
                     a: Tensor::cat(&a, 0),
                     b: Tensor::cat(&b, 1),
