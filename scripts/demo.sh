@@ -55,8 +55,8 @@ echo "== a dataset: 32 espeak-ng training clips and 8 for evaluation"
 "$bin/asr" ingest --name espeak assets/corpus/espeak/dev.jsonl --max-examples 8 --split eval
 
 echo "== a short LoRA job (the recipe: r=4, alpha 64, q_proj/v_proj, lr 1e-3; 1 epoch, batch 4)"
-"$bin/asr" jobs start --train espeak:train --eval espeak:eval --output-adapter espeak-demo \
-    --epochs 1 --grad-accum 1 --warmup-steps 0 --logging-steps 2 --eval-cer --watch
+"$bin/asr" train --train espeak --eval espeak --eval-split eval --output-adapter espeak-demo \
+    --epochs 1 --grad-accum 1 --logging-steps 2 --eval-cer --watch
 
 echo "== transcription with the new adapter"
 "$bin/asr" adapters load espeak-demo

@@ -10,6 +10,7 @@ mod remote;
 mod status;
 mod train;
 mod train_local;
+mod train_remote;
 mod transcribe;
 mod transcribe_remote;
 
@@ -50,8 +51,9 @@ enum Command {
     /// service's registry.
     #[command(subcommand)]
     Adapters(adapters::AdaptersCommand),
-    /// LoRA fine-tuning: `--local` runs the recipe in this process; `--dry-run` builds the
-    /// model and adapter and prints the parameter count.
+    /// LoRA fine-tuning: a job of the model service on its datasets (`--output-adapter NAME
+    /// --watch`), or `--local` in this process; `--dry-run` builds the model and adapter and
+    /// prints the parameter count.
     Train(Box<train::TrainArgs>),
 }
 

@@ -33,7 +33,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-async fn connect(url: &str) -> anyhow::Result<ModelServiceClient<Channel>> {
+pub async fn connect(url: &str) -> anyhow::Result<ModelServiceClient<Channel>> {
     let channel = Endpoint::from_shared(url.to_string())
         .with_context(|| format!("--model-service {url:?} is not a valid URL"))?
         .connect()
@@ -319,7 +319,7 @@ pub fn jobs(command: JobsCommand) -> anyhow::Result<()> {
     })
 }
 
-async fn watch(client: &mut ModelServiceClient<Channel>, id: &str) -> anyhow::Result<()> {
+pub async fn watch(client: &mut ModelServiceClient<Channel>, id: &str) -> anyhow::Result<()> {
     let mut stream = client
         .watch_training(pb::WatchTrainingRequest {
             job_id: id.to_string(),

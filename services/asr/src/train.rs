@@ -63,9 +63,19 @@ impl LoraArgs {
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Train in this process (the model service's Train RPC comes with the services).
+    /// Train in this process, on files (--train/--eval are manifests or Common Voice
+    /// directories). Without it the recipe runs as a job of the model service, on datasets it
+    /// stores (--train/--eval are dataset names, see `asr ingest`).
     #[arg(long)]
     pub local: bool,
+    /// Registry name of the adapter the model service's job produces.
+    #[arg(long, conflicts_with = "local")]
+    pub output_adapter: Option<String>,
+    /// Follow the job's progress until it ends.
+    #[arg(long, conflicts_with = "local")]
+    pub watch: bool,
+    #[command(flatten)]
+    pub server: crate::remote::ModelServiceArg,
     /// Build the model and adapter, print the trainable-parameter line, and exit.
     #[arg(long)]
     pub dry_run: bool,
@@ -81,7 +91,16 @@ pub struct TrainArgs {
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if !args.dry_run {
         if !args.local {
-            bail!("training through the model service is not available yet: use --local (or --dry-run)");
+            let Some(adapter) = &args.output_adapter else {
+                bail!("--output-adapter NAME is needed for a model-service job (or use --local)");
+            };
+            return crate::train_remote::run(
+                &args.lora,
+                &args.recipe,
+                adapter,
+                args.watch,
+                &args.server,
+            );
         }
         return crate::train_local::run(&args.lora, &args.recipe);
     }
