@@ -9,6 +9,8 @@
 //! - [`extract`]: the Extract stream: inbound bytes -> blocking pipeline -> outbound frames;
 //! - [`relay`]: the Transcribe stream: the same frames relayed to the model service, its
 //!   events relayed back;
+//! - [`ingest_relay`] and [`ingest_examples`]: the Ingest stream: each example's audio decoded
+//!   to frames and sent to the model service's dataset store, its acks relayed back in order;
 //! - [`model_link`]: the lazily connecting channel to the model service and its errors;
 //! - `asr_runtime::trace_context`: OpenTelemetry context in and out of gRPC metadata;
 //! - [`server`]: the tonic server with health and reflection.
@@ -18,6 +20,8 @@ pub mod convert;
 pub mod error;
 mod extract;
 mod inbound;
+mod ingest_examples;
+mod ingest_relay;
 mod model_link;
 mod reader;
 mod relay;

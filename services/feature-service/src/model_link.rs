@@ -144,6 +144,42 @@ impl ModelLink {
             .map_err(|status| self.error(status))
     }
 
+    /// Opens ModelService.IngestExamples with `requests` (config first); resolves when the
+    /// model service has opened the dataset and answers with its response headers, so
+    /// NOT_FOUND / ALREADY_EXISTS / FAILED_PRECONDITION come back here.
+    pub async fn ingest_examples<S>(
+        &self,
+        requests: Request<S>,
+    ) -> Result<Streaming<pb::IngestAck>, FeatureError>
+    where
+        S: Stream<Item = pb::IngestExamplesRequest> + Send + 'static,
+    {
+        self.client()
+            .ingest_examples(requests)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| self.error(status))
+    }
+
+    /// ModelService.GetDataset.
+    pub async fn get_dataset(&self, name: &str) -> Result<pb::Dataset, FeatureError> {
+        let mut request = Request::new(pb::GetDatasetRequest {
+            name: name.to_string(),
+        });
+        trace_context::inject_current(request.metadata_mut());
+        match tokio::time::timeout(self.call_timeout, self.client().get_dataset(request)).await {
+            Ok(Ok(dataset)) => Ok(dataset.into_inner()),
+            Ok(Err(status)) => Err(self.error(status)),
+            Err(_) => Err(FeatureError::ModelServiceUnavailable {
+                address: self.address.to_string(),
+                reason: format!(
+                    "GetDataset got no answer within {:.1} s",
+                    self.call_timeout.as_secs_f64()
+                ),
+            }),
+        }
+    }
+
     /// A failed model-service call as this service reports it. A status the model service
     /// sent is relayed unchanged; one made on this side by the transport (no connection,
     /// connection lost) becomes UNAVAILABLE naming the address.

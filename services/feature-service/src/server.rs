@@ -20,7 +20,7 @@ use crate::error::FeatureError;
 use crate::model_link::ModelLink;
 use crate::reader::AbortSlot;
 use crate::trace_context::request_span;
-use crate::{extract, inbound, relay};
+use crate::{extract, inbound, ingest_relay, relay};
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -156,9 +156,19 @@ impl FeatureService for FeatureServer {
 
     async fn ingest(
         &self,
-        _request: Request<Streaming<pb::IngestAudioRequest>>,
+        request: Request<Streaming<pb::IngestAudioRequest>>,
     ) -> Result<Response<pb::IngestResponse>, Status> {
-        Err(FeatureError::NotImplemented("Ingest (relay to the model service)").into())
+        let span = request_span(
+            tracing::info_span!("Ingest", remote = ?request.remote_addr()),
+            request.metadata(),
+        );
+        let response = async {
+            let _permit = self.acquire_stream()?;
+            ingest_relay::ingest(self, request).await
+        }
+        .instrument(span)
+        .await?;
+        Ok(Response::new(response))
     }
 
     async fn get_info(

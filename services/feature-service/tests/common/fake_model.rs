@@ -1,6 +1,8 @@
 //! A fake ModelService for the relay tests: GetModelInfo reports a scripted n_mels,
 //! Transcribe records what it receives (config, frames) and answers with scripted events or
-//! errors. Every other RPC is UNIMPLEMENTED.
+//! errors; IngestExamples records the config and examples and acks each in order (accepted,
+//! or EMPTY_TEXT for a blank transcript, as the real one), or refuses the stream with a
+//! scripted status; GetDataset reports what was stored. Every other RPC is UNIMPLEMENTED.
 //!
 //! How a Transcribe input ended is watched on the wire, below tonic ([`super::wire_watch`]).
 
@@ -37,6 +39,8 @@ pub struct Script {
     pub fail_after: Option<Status>,
     /// Transcribe: refuse the call with this status right after reading the config.
     pub reject: Option<Status>,
+    /// IngestExamples: refuse the call with this status right after reading the config.
+    pub ingest_reject: Option<Status>,
 }
 
 fn copy(status: &Status) -> Status {
@@ -55,6 +59,7 @@ impl Clone for Script {
             late: self.late.clone(),
             fail_after: self.fail_after.as_ref().map(copy),
             reject: self.reject.as_ref().map(copy),
+            ingest_reject: self.ingest_reject.as_ref().map(copy),
         }
     }
 }
@@ -78,6 +83,16 @@ pub struct Seen {
     pub config: Option<pb::TranscribeFramesConfig>,
     pub frames: Vec<pb::MelFrames>,
     pub ending: Option<Ending>,
+    /// IngestExamples: the config of the last call.
+    pub ingest_config: Option<pb::IngestExamplesConfig>,
+    /// IngestExamples: every example received, in order, over all calls.
+    pub examples: Vec<pb::DatasetExample>,
+    /// IngestExamples: examples accepted (stored), over all calls.
+    pub stored: u64,
+    /// IngestExamples: calls whose input ended cleanly.
+    pub ingest_completed: usize,
+    /// GetDataset: the names asked for.
+    pub dataset_requests: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -191,12 +206,12 @@ impl ModelService for Fake {
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .map(String::from);
+        // A new Transcribe call: its fields start afresh.
         self.record(|seen| {
-            *seen = Seen {
-                model_info_calls: seen.model_info_calls,
-                traceparent,
-                ..Seen::default()
-            }
+            seen.traceparent = traceparent;
+            seen.config = None;
+            seen.frames.clear();
+            seen.ending = None;
         });
         let mut inbound = request.into_inner();
         match inbound.message().await {
@@ -263,9 +278,66 @@ impl ModelService for Fake {
 
     async fn ingest_examples(
         &self,
-        _: Request<Streaming<pb::IngestExamplesRequest>>,
+        request: Request<Streaming<pb::IngestExamplesRequest>>,
     ) -> RpcResult<Self::IngestExamplesStream> {
-        unimplemented("IngestExamples")
+        use pb::ingest_examples_request::Payload as Ingest;
+        let mut inbound = request.into_inner();
+        let config = match inbound.message().await {
+            Ok(Some(pb::IngestExamplesRequest {
+                payload: Some(Ingest::Config(config)),
+            })) => config,
+            _ => return Err(Status::invalid_argument("config must come first")),
+        };
+        self.record(|seen| seen.ingest_config = Some(config.clone()));
+        if let Some(status) = &self.script.ingest_reject {
+            return Err(copy(status));
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let fake = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let example = match inbound.message().await {
+                    Ok(Some(pb::IngestExamplesRequest {
+                        payload: Some(Ingest::Example(example)),
+                    })) => example,
+                    Ok(None) => break,
+                    Ok(Some(_)) => {
+                        let _ = tx
+                            .send(Err(Status::invalid_argument("config sent twice")))
+                            .await;
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let split = [&example.split, &config.split]
+                    .into_iter()
+                    .find(|s| !s.is_empty())
+                    .cloned()
+                    .unwrap_or_else(|| "train".into());
+                let mut ack = pb::IngestAck {
+                    example_id: example.id.clone(),
+                    split,
+                    ..Default::default()
+                };
+                fake.record(|seen| {
+                    if example.text.trim().is_empty() {
+                        ack.status = pb::ExampleStatus::Rejected as i32;
+                        ack.rejection = pb::RejectionReason::EmptyText as i32;
+                        ack.message = "empty transcript".into();
+                    } else {
+                        ack.status = pb::ExampleStatus::Accepted as i32;
+                        ack.index = seen.stored;
+                        seen.stored += 1;
+                    }
+                    seen.examples.push(example);
+                });
+                if tx.send(Ok(ack)).await.is_err() {
+                    return;
+                }
+            }
+            fake.record(|seen| seen.ingest_completed += 1);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn list_datasets(
@@ -275,8 +347,19 @@ impl ModelService for Fake {
         unimplemented("ListDatasets")
     }
 
-    async fn get_dataset(&self, _: Request<pb::GetDatasetRequest>) -> RpcResult<pb::Dataset> {
-        unimplemented("GetDataset")
+    async fn get_dataset(&self, request: Request<pb::GetDatasetRequest>) -> RpcResult<pb::Dataset> {
+        let name = request.into_inner().name;
+        let seen = self.seen.lock().expect("lock").clone();
+        self.record(|seen| seen.dataset_requests.push(name.clone()));
+        let config = seen.ingest_config.unwrap_or_default();
+        Ok(Response::new(pb::Dataset {
+            name,
+            description: config.description,
+            language: config.language,
+            n_mels: config.n_mels,
+            example_count: seen.stored,
+            ..Default::default()
+        }))
     }
 
     async fn delete_dataset(
