@@ -58,13 +58,49 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+    // With OTEL_EXPORTER_OTLP_ENDPOINT set, the CLI's spans are exported (and the trace
+    // context sent to the services): a runtime of its own drives the exporter, and the guard
+    // flushes it before exit.
+    let telemetry = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        Ok(endpoint) if !endpoint.is_empty() => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            let guard = {
+                let _entered = runtime.enter();
+                asr_runtime::init(
+                    "asr",
+                    &asr_runtime::TelemetryArgs {
+                        // The CLI's own spans are at info level.
+                        log: std::env::var("ASR_LOG").unwrap_or_else(|_| "warn,asr=info".into()),
+                        log_format: asr_runtime::LogFormat::Text,
+                        otlp_endpoint: Some(endpoint),
+                    },
+                )?
+            };
+            Some((runtime, guard))
+        }
+        _ => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "warn".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            None
+        }
+    };
+    let result = run(Cli::parse());
+    if let Some((runtime, guard)) = telemetry {
+        let _entered = runtime.enter();
+        drop(guard);
+    }
+    result
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Features(args) => features::run(args),
         Command::Transcribe(args) => transcribe::run(args),

@@ -5,6 +5,7 @@
 use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
 use std::time::Duration;
+use tracing::Instrument;
 
 use anyhow::Context;
 use asr_audio::decode::EncodedDecoder;
@@ -41,7 +42,9 @@ pub fn run(args: &TranscribeArgs) -> anyhow::Result<Vec<FileResult>> {
             .with_context(|| format!("connecting to the feature service at {}", args.server))?;
         let mut results = Vec::new();
         for file in &args.files {
+            let span = tracing::info_span!("asr transcribe", file = %display_name(file));
             let result = transcribe_one(channel.clone(), file, args)
+                .instrument(span)
                 .await
                 .with_context(|| format!("transcribing {}", display_name(file)))?;
             results.push(result);
@@ -129,8 +132,11 @@ async fn transcribe_one(
         let path = file.to_path_buf();
         tokio::task::spawn_blocking(move || send_as_read(&path, tx))
     };
+    // The caller's trace: the feature and model services add their spans to it.
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    asr_runtime::trace_context::inject_current(request.metadata_mut());
     let mut stream = client
-        .transcribe(ReceiverStream::new(rx))
+        .transcribe(request)
         .await
         .map_err(status_error)?
         .into_inner();
