@@ -63,40 +63,271 @@ pub struct IngestArgs {
     /// Only the first N examples.
     #[arg(long)]
     pub max_examples: Option<usize>,
+    /// Feature service URLs: send the audio files themselves through FeatureService.Ingest,
+    /// one contiguous share of the examples per URL, concurrently (the model service stores
+    /// one stream per dataset at a time, so the shares take turns there). Without it the
+    /// features are computed here and sent straight to the model service.
+    #[arg(
+        long,
+        env = "ASR_FEATURE_SERVERS",
+        value_name = "URL[,URL...]",
+        value_delimiter = ','
+    )]
+    pub features: Vec<String>,
     #[command(flatten)]
     pub server: ModelServiceArg,
 }
 
-/// Features computed here, sent with their transcripts; examples already stored are skipped
-/// (create-or-append with duplicate ids rejected), so an interrupted ingestion can be re-run.
+/// Stores the examples; those already stored are skipped (create-or-append with duplicate
+/// ids rejected), so an interrupted ingestion can be re-run. Without `--features` the
+/// features are computed here and sent with their transcripts to the model service; with it
+/// the audio files go through the feature services' Ingest (see `through_features`).
 pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
+    use std::path::Path;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use asr_whisper::dataset::Entry;
+    use pb::feature_service_client::FeatureServiceClient;
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    /// Audio bytes per message sent to a feature service.
+    const AUDIO_CHUNK: usize = 64 * 1024;
+
+    /// Acks counted the way the summary line reports them.
+    #[derive(Default)]
+    struct Counts {
+        accepted: usize,
+        duplicates: usize,
+        rejected: usize,
+    }
+
+    impl Counts {
+        fn add(&mut self, ack: &pb::IngestAck) {
+            if ack.status == pb::ExampleStatus::Accepted as i32 {
+                self.accepted += 1;
+            } else if ack.rejection == pb::RejectionReason::DuplicateId as i32 {
+                self.duplicates += 1;
+            } else {
+                self.rejected += 1;
+                eprintln!("rejected {}: {}", ack.example_id, ack.message);
+            }
+        }
+    }
+
+    fn summary(name: &str, counts: &Counts, total: usize, dataset: Option<&pb::Dataset>) {
+        let (examples, hours) = dataset.map_or((0, 0.0), |d| (d.example_count, d.audio_hours));
+        println!(
+            "{name}: {} of {total} examples stored ({} already there, {} rejected); the dataset holds {examples} examples, {hours:.2} h",
+            counts.accepted, counts.duplicates, counts.rejected
+        );
+    }
+
+    /// An example's id: its audio path relative to the manifest's directory.
+    fn example_id(root: &Path, audio: &Path) -> String {
+        audio
+            .strip_prefix(root)
+            .unwrap_or(audio)
+            .display()
+            .to_string()
+    }
+
+    /// One FeatureService.Ingest stream: the config, then each entry's header and audio file.
+    /// The outer error is this side's (a file that cannot be read), the inner one the
+    /// service's status.
+    async fn ingest_stream(
+        client: &mut FeatureServiceClient<Channel>,
+        config: pb::IngestAudioConfig,
+        entries: Vec<Entry>,
+        root: PathBuf,
+    ) -> anyhow::Result<Result<pb::IngestResponse, tonic::Status>> {
+        use pb::ingest_audio_request::Payload;
+        let (tx, rx) = mpsc::channel(8);
+        let producer = tokio::spawn(async move {
+            let send = |payload| {
+                tx.send(pb::IngestAudioRequest {
+                    payload: Some(payload),
+                })
+            };
+            // A closed channel: the service ended the call; its status tells why.
+            if send(Payload::Config(config)).await.is_err() {
+                return Ok(());
+            }
+            for entry in entries {
+                let path = entry.audio.clone();
+                let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
+                    .await?
+                    .with_context(|| format!("reading {}", entry.audio.display()))?;
+                let header = pb::AudioExampleHeader {
+                    id: example_id(&root, &entry.audio),
+                    text: entry.text,
+                    format: None,
+                    split: String::new(),
+                };
+                if send(Payload::Example(header)).await.is_err() {
+                    return Ok(());
+                }
+                for chunk in bytes.chunks(AUDIO_CHUNK) {
+                    if send(Payload::Audio(chunk.to_vec())).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            anyhow::Ok(())
+        });
+        let response = client.ingest(ReceiverStream::new(rx)).await;
+        producer.await??;
+        Ok(response.map(tonic::Response::into_inner))
+    }
+
+    /// Counts the shares still running; dropped when its share ends.
+    struct Running(Arc<AtomicUsize>);
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// One share of the entries through one feature service. The model service takes one
+    /// ingestion per dataset at a time and refuses the others with FAILED_PRECONDITION before
+    /// storing anything: retried while another share is running, then once more.
+    async fn send_share(
+        mut client: FeatureServiceClient<Channel>,
+        url: String,
+        config: pb::IngestAudioConfig,
+        entries: Vec<Entry>,
+        root: PathBuf,
+        running: Running,
+    ) -> anyhow::Result<pb::IngestResponse> {
+        let mut backoff = Duration::from_millis(50);
+        let mut last_try = false;
+        loop {
+            let outcome =
+                ingest_stream(&mut client, config.clone(), entries.clone(), root.clone()).await?;
+            match outcome {
+                Ok(response) => return Ok(response),
+                Err(status) if status.code() == tonic::Code::FailedPrecondition && !last_try => {
+                    last_try = running.0.load(Ordering::SeqCst) <= 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(status) => {
+                    return Err(anyhow::Error::from(status))
+                        .with_context(|| format!("ingesting through the feature service at {url}"))
+                }
+            }
+        }
+    }
+
+    /// The entries spread over the feature services at `urls`: the dataset is created (or
+    /// opened) first by a stream without examples, then each service gets one contiguous
+    /// share, all concurrently.
+    async fn through_features(
+        args: &IngestArgs,
+        urls: Vec<String>,
+        entries: Vec<Entry>,
+        root: PathBuf,
+    ) -> anyhow::Result<()> {
+        let mut clients = Vec::new();
+        for url in &urls {
+            let channel = Endpoint::from_shared(url.clone())
+                .with_context(|| format!("--features {url:?} is not a valid URL"))?
+                .connect()
+                .await
+                .with_context(|| format!("connecting to the feature service at {url}"))?;
+            clients.push(
+                FeatureServiceClient::new(channel)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            );
+        }
+        let config = pb::IngestAudioConfig {
+            dataset: args.name.clone(),
+            mode: pb::IngestMode::CreateOrAppend as i32,
+            split: args.split.clone(),
+            language: args.language.clone(),
+            description: String::new(),
+            default_format: None,
+        };
+        let total = entries.len();
+        let created = ingest_stream(&mut clients[0], config.clone(), Vec::new(), root.clone())
+            .await?
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("creating {:?} through {}", args.name, urls[0]))?;
+        let mut dataset = created.dataset_info;
+        let share = total.div_ceil(clients.len()).max(1);
+        let running = Arc::new(AtomicUsize::new(0));
+        let mut shares = tokio::task::JoinSet::new();
+        for ((entries, client), url) in entries.chunks(share).zip(clients).zip(urls) {
+            running.fetch_add(1, Ordering::SeqCst);
+            shares.spawn(send_share(
+                client,
+                url,
+                config.clone(),
+                entries.to_vec(),
+                root.clone(),
+                Running(running.clone()),
+            ));
+        }
+        let mut counts = Counts::default();
+        while let Some(done) = shares.join_next().await {
+            let response = done??;
+            response.results.iter().for_each(|ack| counts.add(ack));
+            // Each share's view of the dataset is taken after it ended: the largest is the
+            // latest.
+            if let Some(info) = response.dataset_info {
+                if dataset
+                    .as_ref()
+                    .is_none_or(|d| d.example_count <= info.example_count)
+                {
+                    dataset = Some(info);
+                }
+            }
+        }
+        summary(&args.name, &counts, total, dataset.as_ref());
+        Ok(())
+    }
+
     let mut entries = read_dataset(&args.data, &args.from_split)?;
     if let Some(n) = args.max_examples {
         entries.truncate(n);
     }
-    let root = args
-        .data
-        .parent()
-        .unwrap_or(std::path::Path::new("."))
-        .to_path_buf();
+    let root = args.data.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let urls: Vec<String> = args
+        .features
+        .iter()
+        .map(|url| url.trim().to_string())
+        .filter(|url| !url.is_empty())
+        .collect();
+    if !urls.is_empty() {
+        return runtime()?.block_on(through_features(&args, urls, entries, root));
+    }
     runtime()?.block_on(async {
         let mut client = connect(&args.server.model_service).await?;
-        let info = client.get_model_info(pb::GetModelInfoRequest {}).await?.into_inner();
+        let info = client
+            .get_model_info(pb::GetModelInfoRequest {})
+            .await?
+            .into_inner();
         let n_mels = if info.n_mels == 0 { 80 } else { info.n_mels };
         let pipeline = FeaturePipeline::new(PipelineConfig {
             mel: MelConfig::new(n_mels)?,
             ..Default::default()
         });
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(4);
         tx.send(pb::IngestExamplesRequest {
-            payload: Some(pb::ingest_examples_request::Payload::Config(pb::IngestExamplesConfig {
-                dataset: args.name.clone(),
-                mode: pb::IngestMode::CreateOrAppend as i32,
-                n_mels,
-                split: args.split.clone(),
-                language: args.language.clone(),
-                description: String::new(),
-            })),
+            payload: Some(pb::ingest_examples_request::Payload::Config(
+                pb::IngestExamplesConfig {
+                    dataset: args.name.clone(),
+                    mode: pb::IngestMode::CreateOrAppend as i32,
+                    n_mels,
+                    split: args.split.clone(),
+                    language: args.language.clone(),
+                    description: String::new(),
+                },
+            )),
         })
         .await?;
         let total = entries.len();
@@ -107,14 +338,8 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
                 let (_, frames, summary) =
                     extract_all(&pipeline, std::io::Cursor::new(bytes), InputFormat::Encoded)
                         .with_context(|| format!("decoding {}", entry.audio.display()))?;
-                let id = entry
-                    .audio
-                    .strip_prefix(&root)
-                    .unwrap_or(&entry.audio)
-                    .display()
-                    .to_string();
                 let example = pb::DatasetExample {
-                    id,
+                    id: example_id(&root, &entry.audio),
                     text: entry.text,
                     duration_seconds: summary.duration_seconds,
                     features: Some(pb::MelFrames {
@@ -135,19 +360,12 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
             Ok(())
         });
         let mut acks = client
-            .ingest_examples(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .ingest_examples(ReceiverStream::new(rx))
             .await?
             .into_inner();
-        let (mut accepted, mut duplicates, mut rejected) = (0, 0, 0);
+        let mut counts = Counts::default();
         while let Some(ack) = acks.message().await? {
-            if ack.status == pb::ExampleStatus::Accepted as i32 {
-                accepted += 1;
-            } else if ack.rejection == pb::RejectionReason::DuplicateId as i32 {
-                duplicates += 1;
-            } else {
-                rejected += 1;
-                eprintln!("rejected {}: {}", ack.example_id, ack.message);
-            }
+            counts.add(&ack);
         }
         producer.await??;
         let dataset = client
@@ -156,10 +374,7 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
             })
             .await?
             .into_inner();
-        println!(
-            "{}: {accepted} of {total} examples stored ({duplicates} already there, {rejected} rejected); the dataset holds {} examples, {:.2} h",
-            args.name, dataset.example_count, dataset.audio_hours
-        );
+        summary(&args.name, &counts, total, Some(&dataset));
         Ok(())
     })
 }

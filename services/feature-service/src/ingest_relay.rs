@@ -106,8 +106,7 @@ pub async fn ingest(
         read_examples(inbound, &context, pending_tx),
         forward(pending_rx, upstream_tx, slots_tx, n_mels),
         collect(&link, slots_rx, acks),
-    )
-    .inspect_err(|err| tracing::info!(error = %err, "ingest failed"))?;
+    )?;
 
     let dataset_info = match link.get_dataset(&config.dataset).await {
         Ok(dataset) => Some(dataset),

@@ -164,7 +164,9 @@ impl FeatureService for FeatureServer {
         );
         let response = async {
             let _permit = self.acquire_stream()?;
-            ingest_relay::ingest(self, request).await
+            ingest_relay::ingest(self, request)
+                .await
+                .inspect_err(|err| tracing::info!(error = %err, "ingest failed"))
         }
         .instrument(span)
         .await?;
