@@ -317,3 +317,45 @@ async fn ingest_train_watch_serve_and_cancel() {
     assert_eq!(listed.jobs.len(), 2);
     server.stop().await;
 }
+
+/// Two streams append to one dataset at the same time: both are stored, with dense distinct
+/// indices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_ingestion_into_one_dataset() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (server, _handle) = start_model_service(data_config(root.path())).await;
+    let client = ModelServiceClient::connect(server.url())
+        .await
+        .expect("connect");
+    let all = clips("train", 8);
+    let (first, second) = all.split_at(4);
+    let stream = |part: &[Clip]| {
+        let mut messages = vec![config("shared")];
+        messages.extend(part.iter().map(|c| example(c, "")));
+        let mut client = client.clone();
+        tokio::spawn(async move { ingest(&mut client, messages).await })
+    };
+    let (a, b) = (stream(first), stream(second));
+    let mut indices: Vec<u64> = Vec::new();
+    for task in [a, b] {
+        let acks = task.await.expect("task").expect("ingest");
+        assert!(
+            acks.iter()
+                .all(|a| a.status == pb::ExampleStatus::Accepted as i32),
+            "{acks:?}"
+        );
+        indices.extend(acks.iter().map(|a| a.index));
+    }
+    indices.sort();
+    assert_eq!(indices, (0..8).collect::<Vec<u64>>());
+    let dataset = client
+        .clone()
+        .get_dataset(pb::GetDatasetRequest {
+            name: "shared".into(),
+        })
+        .await
+        .expect("dataset")
+        .into_inner();
+    assert_eq!(dataset.example_count, 8);
+    server.stop().await;
+}

@@ -360,9 +360,8 @@ impl Appender {
     }
 
     /// Records the time of the last addition.
-    pub fn finish(mut self) -> Result<Dataset, ModelError> {
+    pub fn touch(&mut self) -> Result<(), ModelError> {
         self.dataset.meta.updated_unix_seconds = now();
-        write_meta(&self.dataset.dir, &self.dataset.meta)?;
-        Ok(self.dataset)
+        write_meta(&self.dataset.dir, &self.dataset.meta)
     }
 }

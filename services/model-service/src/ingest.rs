@@ -1,7 +1,7 @@
 //! ModelService.IngestExamples: a config, then examples as features; each example is stored
 //! durably (or rejected, which does not end the stream) and acknowledged in order.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use asr_proto::v1 as pb;
@@ -57,35 +57,84 @@ impl LabelChecker {
     }
 }
 
-/// Datasets with an ingestion in progress (one writer each; deletion waits).
-pub type Ingesting = Arc<Mutex<HashSet<String>>>;
+/// One appender per dataset, shared by the streams ingesting into it at the same time (each
+/// append takes its lock, so indices stay dense and the log stays whole).
+type SharedAppender = Arc<Mutex<Appender>>;
 
-/// Marks a dataset as being ingested until dropped.
-pub struct IngestGuard {
-    ingesting: Ingesting,
-    name: String,
-}
+/// Datasets with an ingestion in progress, with their appender and number of streams.
+#[derive(Clone, Default)]
+pub struct Ingesting(Arc<Mutex<HashMap<String, (SharedAppender, usize)>>>);
 
-impl IngestGuard {
-    fn acquire(ingesting: &Ingesting, name: &str) -> Result<Self, ModelError> {
-        let mut set = ingesting.lock().map_err(ModelError::internal)?;
-        if !set.insert(name.to_string()) {
-            return Err(ModelError::FailedPrecondition(format!(
-                "dataset {name:?} is being ingested by another stream"
-            )));
-        }
-        Ok(Self {
-            ingesting: ingesting.clone(),
+impl Ingesting {
+    pub fn is_active(&self, dataset: &str) -> bool {
+        self.0.lock().is_ok_and(|t| t.contains_key(dataset))
+    }
+
+    /// The dataset's appender for one more stream: the live one, or the dataset opened (or
+    /// created) as `open` says. Runs under the table's lock, so two streams never open the
+    /// same dataset twice.
+    fn join(
+        &self,
+        name: &str,
+        open: impl FnOnce(Option<&mut Appender>) -> Result<Option<Appender>, ModelError>,
+    ) -> Result<IngestGuard, ModelError> {
+        let mut table = self.0.lock().map_err(ModelError::internal)?;
+        let appender = match table.get_mut(name) {
+            Some((shared, users)) => {
+                let mut live = shared.lock().map_err(ModelError::internal)?;
+                open(Some(&mut live))?;
+                drop(live);
+                *users += 1;
+                shared.clone()
+            }
+            None => {
+                let appender =
+                    open(None)?.ok_or_else(|| ModelError::Internal("no appender opened".into()))?;
+                let shared = Arc::new(Mutex::new(appender));
+                table.insert(name.to_string(), (shared.clone(), 1));
+                shared
+            }
+        };
+        Ok(IngestGuard {
+            table: self.clone(),
             name: name.to_string(),
+            appender,
         })
     }
+
+    fn leave(&self, name: &str) {
+        let Ok(mut table) = self.0.lock() else {
+            return;
+        };
+        let last = match table.get_mut(name) {
+            Some((_, users)) => {
+                *users -= 1;
+                *users == 0
+            }
+            None => false,
+        };
+        if last {
+            if let Some((shared, _)) = table.remove(name) {
+                if let Ok(mut appender) = shared.lock() {
+                    if let Err(e) = appender.touch() {
+                        tracing::warn!(dataset = %name, error = %e, "recording the update time");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A stream's share of a dataset's appender; leaves the table when dropped.
+pub struct IngestGuard {
+    table: Ingesting,
+    name: String,
+    appender: SharedAppender,
 }
 
 impl Drop for IngestGuard {
     fn drop(&mut self) {
-        if let Ok(mut set) = self.ingesting.lock() {
-            set.remove(&self.name);
-        }
+        self.table.leave(&self.name);
     }
 }
 
@@ -101,7 +150,7 @@ pub struct IngestContext {
 pub async fn open(
     context: &IngestContext,
     inbound: &mut Streaming<pb::IngestExamplesRequest>,
-) -> Result<(Appender, String, IngestGuard), ModelError> {
+) -> Result<(String, IngestGuard), ModelError> {
     let config = match inbound.message().await.map_err(ModelError::ClientStream)? {
         Some(pb::IngestExamplesRequest {
             payload: Some(pb::ingest_examples_request::Payload::Config(config)),
@@ -136,74 +185,108 @@ pub async fn open(
             format!("{:?} is not a language this model knows", config.language),
         ));
     }
-    let guard = IngestGuard::acquire(&context.ingesting, &config.dataset)?;
     let mode = pb::IngestMode::try_from(config.mode).unwrap_or(pb::IngestMode::Unspecified);
     let store = context.store.clone();
+    let table = context.ingesting.clone();
     let name = config.dataset.clone();
-    let exists = store.exists(&name);
-    let dataset: Dataset = match (mode, exists) {
-        (pb::IngestMode::Unspecified | pb::IngestMode::Create, true) => {
-            return Err(ModelError::AlreadyExists {
-                what: "dataset",
-                name,
-            })
-        }
-        (pb::IngestMode::Append, false) => {
-            return Err(ModelError::NotFound {
-                what: "dataset",
-                name,
-            })
-        }
-        (_, false) => store.create(&name, n_mels, &config.language, &config.description)?,
-        (_, true) => {
-            let mut dataset = store.get(&name)?;
-            if dataset.meta.n_mels != n_mels {
-                return Err(ModelError::FailedPrecondition(format!(
-                    "dataset {name:?} holds {}-mel features, not {n_mels}",
-                    dataset.meta.n_mels
-                )));
+    let guard = tokio::task::spawn_blocking(move || {
+        table.join(&name, |live| match live {
+            Some(appender) => {
+                if matches!(mode, pb::IngestMode::Unspecified | pb::IngestMode::Create) {
+                    return Err(ModelError::AlreadyExists {
+                        what: "dataset",
+                        name: name.clone(),
+                    });
+                }
+                reconcile(&store, &mut appender.dataset, &config, n_mels)?;
+                Ok(None)
             }
-            if !config.language.is_empty()
-                && !dataset.meta.language.is_empty()
-                && dataset.meta.language != config.language
-            {
-                return Err(ModelError::FailedPrecondition(format!(
-                    "dataset {name:?} is in {:?}, not {:?}",
-                    dataset.meta.language, config.language
-                )));
+            None => {
+                let exists = store.exists(&name);
+                let dataset = match (mode, exists) {
+                    (pb::IngestMode::Unspecified | pb::IngestMode::Create, true) => {
+                        return Err(ModelError::AlreadyExists {
+                            what: "dataset",
+                            name: name.clone(),
+                        })
+                    }
+                    (pb::IngestMode::Append, false) => {
+                        return Err(ModelError::NotFound {
+                            what: "dataset",
+                            name: name.clone(),
+                        })
+                    }
+                    (_, false) => {
+                        store.create(&name, n_mels, &config.language, &config.description)?
+                    }
+                    (_, true) => {
+                        let mut dataset = store.get(&name)?;
+                        reconcile(&store, &mut dataset, &config, n_mels)?;
+                        dataset
+                    }
+                };
+                Appender::new(dataset).map(Some)
             }
-            let mut changed = false;
-            if dataset.meta.language.is_empty() && !config.language.is_empty() {
-                dataset.meta.language = config.language.clone();
-                changed = true;
-            }
-            if !config.description.is_empty() {
-                dataset.meta.description = config.description.clone();
-                changed = true;
-            }
-            if changed {
-                store.update_meta(&dataset)?;
-            }
-            dataset
-        }
-    };
-    let appender = tokio::task::spawn_blocking(move || Appender::new(dataset))
-        .await
-        .map_err(ModelError::internal)??;
-    Ok((appender, split, guard))
+        })
+    })
+    .await
+    .map_err(ModelError::internal)??;
+    Ok((split, guard))
+}
+
+/// Checks an existing dataset against an appending stream's config, and records a new
+/// description (or a first language).
+fn reconcile(
+    store: &DatasetStore,
+    dataset: &mut Dataset,
+    config: &pb::IngestExamplesConfig,
+    n_mels: usize,
+) -> Result<(), ModelError> {
+    let name = &config.dataset;
+    if dataset.meta.n_mels != n_mels {
+        return Err(ModelError::FailedPrecondition(format!(
+            "dataset {name:?} holds {}-mel features, not {n_mels}",
+            dataset.meta.n_mels
+        )));
+    }
+    if !config.language.is_empty()
+        && !dataset.meta.language.is_empty()
+        && dataset.meta.language != config.language
+    {
+        return Err(ModelError::FailedPrecondition(format!(
+            "dataset {name:?} is in {:?}, not {:?}",
+            dataset.meta.language, config.language
+        )));
+    }
+    let mut changed = false;
+    if dataset.meta.language.is_empty() && !config.language.is_empty() {
+        dataset.meta.language = config.language.clone();
+        changed = true;
+    }
+    if !config.description.is_empty() && dataset.meta.description != config.description {
+        dataset.meta.description = config.description.clone();
+        changed = true;
+    }
+    if changed {
+        store.update_meta(dataset)?;
+    }
+    Ok(())
 }
 
 /// Stores the stream's examples, one ack each, in order.
 pub async fn run(
     labels: Arc<LabelChecker>,
-    mut appender: Appender,
     default_split: String,
     guard: IngestGuard,
     mut inbound: Streaming<pb::IngestExamplesRequest>,
     acks: mpsc::Sender<Result<pb::IngestAck, Status>>,
 ) {
-    let _guard = guard;
-    let language = Some(appender.dataset.meta.language.clone()).filter(|l| !l.is_empty());
+    let appender = guard.appender.clone();
+    let language = appender
+        .lock()
+        .ok()
+        .map(|a| a.dataset.meta.language.clone())
+        .filter(|l| !l.is_empty());
     loop {
         let example = match inbound.message().await {
             Ok(Some(pb::IngestExamplesRequest {
@@ -231,30 +314,22 @@ pub async fn run(
             pb::IngestAck {
                 example_id: id,
                 status: pb::ExampleStatus::Rejected as i32,
-                rejection: pb::RejectionReason::Unspecified as i32,
                 message: e.to_string(),
                 ..Default::default()
             }
         } else {
-            let labels = labels.clone();
-            let language = language.clone();
+            let (labels, language, shared) = (labels.clone(), language.clone(), appender.clone());
             let split_for_store = split.clone();
-            let joined = tokio::task::spawn_blocking(move || {
-                let result = appender.append(example, &split_for_store, |text| {
+            let stored = tokio::task::spawn_blocking(move || {
+                let mut appender = shared.lock().map_err(ModelError::internal)?;
+                appender.append(example, &split_for_store, |text| {
                     labels.check(text, language.as_deref())
-                });
-                (appender, result)
+                })
             })
-            .await;
-            let result;
-            (appender, result) = match joined {
-                Ok(pair) => pair,
-                Err(e) => {
-                    let _ = acks.send(Err(ModelError::internal(e).into())).await;
-                    return;
-                }
-            };
-            match result {
+            .await
+            .map_err(ModelError::internal)
+            .and_then(|r| r);
+            match stored {
                 Ok(Ok(stored)) => pb::IngestAck {
                     example_id: id,
                     status: pb::ExampleStatus::Accepted as i32,
@@ -281,7 +356,5 @@ pub async fn run(
             break;
         }
     }
-    if let Err(e) = tokio::task::spawn_blocking(move || appender.finish()).await {
-        tracing::warn!(error = %e, "recording the dataset's update time");
-    }
+    drop(guard);
 }

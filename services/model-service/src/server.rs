@@ -132,7 +132,7 @@ impl ModelServer {
             registry,
             datasets,
             labels,
-            ingesting: Arc::default(),
+            ingesting: Ingesting::default(),
             adapter_users: Arc::default(),
         })
     }
@@ -431,9 +431,9 @@ impl ModelService for ModelServer {
                 ingesting: self.ingesting.clone(),
             };
             let mut inbound = request.into_inner();
-            let (appender, split, guard) = ingest::open(&context, &mut inbound).await?;
+            let (split, guard) = ingest::open(&context, &mut inbound).await?;
             let (acks, responses) = mpsc::channel(EVENTS_BUFFERED);
-            tokio::spawn(ingest::run(labels, appender, split, guard, inbound, acks));
+            tokio::spawn(ingest::run(labels, split, guard, inbound, acks));
             let stream: Self::IngestExamplesStream = Box::pin(ReceiverStream::new(responses));
             Ok(Response::new(stream))
         }
@@ -506,12 +506,7 @@ impl ModelService for ModelServer {
         let result: RpcResult<pb::DeleteDatasetResponse> = async {
             let name = request.into_inner().name;
             self.datasets.get(&name)?;
-            if self
-                .ingesting
-                .lock()
-                .map_err(ModelError::internal)?
-                .contains(&name)
-            {
+            if self.ingesting.is_active(&name) {
                 return Err(ModelError::FailedPrecondition(format!(
                     "dataset {name:?} is being ingested"
                 ))
