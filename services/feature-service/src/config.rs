@@ -27,6 +27,10 @@ pub struct FeatureServiceConfig {
     /// Extract) while the model service is down, and picks it up when it comes back.
     #[arg(long, env = "ASR_MODEL_SERVICE")]
     pub model_service: Option<String>,
+    /// Address to serve Prometheus metrics on (`GET /metrics`), e.g. 127.0.0.1:9101. Unset:
+    /// no metrics endpoint.
+    #[arg(long, env = "ASR_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Timeout of one connection attempt to the model service, in seconds.
     #[arg(long, env = "ASR_MODEL_SERVICE_CONNECT_SECONDS", default_value_t = 5.0)]
     pub model_service_connect_seconds: f64,
@@ -45,6 +49,7 @@ impl Default for FeatureServiceConfig {
             max_message_bytes: 4 * 1024 * 1024,
             drain_seconds: 10.0,
             model_service: None,
+            metrics_listen: None,
             model_service_connect_seconds: 5.0,
             model_service_retry_seconds: 3.0,
         }

@@ -33,6 +33,8 @@ pub struct FeatureServer {
     pipelines: Arc<[(usize, FeaturePipeline); 2]>,
     /// The model service Transcribe relays to (`--model-service`), if any.
     model: Option<ModelLink>,
+    /// Prometheus metrics of this replica.
+    pub metrics: asr_runtime::metrics::Registry,
 }
 
 impl FeatureServer {
@@ -54,6 +56,7 @@ impl FeatureServer {
             Ok((mel.n_mels, FeaturePipeline::new(config)))
         };
         Ok(Self {
+            metrics: asr_runtime::metrics::Registry::default(),
             streams: Arc::new(Semaphore::new(config.max_concurrent_streams)),
             pipelines: Arc::new([pipeline(80)?, pipeline(128)?]),
             config: Arc::new(config),
@@ -121,6 +124,31 @@ impl FeatureServer {
     }
 }
 
+impl FeatureServer {
+    fn count_request<T>(&self, rpc: &'static str, result: &Result<T, Status>) {
+        let code = match result {
+            Ok(_) => "Ok".to_string(),
+            Err(status) => format!("{:?}", status.code()),
+        };
+        self.metrics.add(
+            "asr_feature_requests_total",
+            "RPCs started, by method and status code.",
+            vec![("rpc", rpc.into()), ("code", code)],
+            1.0,
+        );
+    }
+
+    /// Gauges sampled when metrics are read.
+    fn sample_gauges(&self) {
+        self.metrics.set(
+            "asr_feature_active_streams",
+            "Streams being served by this replica.",
+            vec![],
+            (self.config.max_concurrent_streams - self.streams.available_permits()) as f64,
+        );
+    }
+}
+
 #[tonic::async_trait]
 impl FeatureService for FeatureServer {
     type ExtractStream = ResponseStream<pb::ExtractResponse>;
@@ -134,7 +162,9 @@ impl FeatureService for FeatureServer {
             tracing::info_span!("Extract", remote = ?request.remote_addr()),
             request.metadata(),
         );
-        self.start_extract(request).instrument(span).await
+        let result = self.start_extract(request).instrument(span).await;
+        self.count_request("Extract", &result);
+        result
     }
 
     async fn transcribe(
@@ -150,8 +180,11 @@ impl FeatureService for FeatureServer {
             relay::start(self, permit, request).await
         }
         .instrument(span)
-        .await?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
+        .await
+        .map_err(Status::from);
+        self.count_request("Transcribe", &responses);
+        let stream: Self::TranscribeStream = Box::pin(ReceiverStream::new(responses?));
+        Ok(Response::new(stream))
     }
 
     async fn ingest(
@@ -169,7 +202,16 @@ impl FeatureService for FeatureServer {
                 .inspect_err(|err| tracing::info!(error = %err, "ingest failed"))
         }
         .instrument(span)
-        .await?;
+        .await
+        .map_err(Status::from);
+        self.count_request("Ingest", &response);
+        let response = response?;
+        self.metrics.add(
+            "asr_feature_ingested_audio_seconds_total",
+            "Audio of examples stored through Ingest, seconds.",
+            vec![],
+            response.accepted_audio_seconds,
+        );
         Ok(Response::new(response))
     }
 
@@ -217,6 +259,16 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let grace = std::time::Duration::from_secs_f64(config.drain_seconds);
     let server = FeatureServer::new(config)?;
+    if let Some(address) = &server.config.metrics_listen {
+        let listener = TcpListener::bind(address).await?;
+        tracing::info!(metrics_address = %listener.local_addr()?, "metrics on /metrics");
+        let sampler = server.clone();
+        tokio::spawn(asr_runtime::metrics::serve_metrics(
+            listener,
+            server.metrics.clone(),
+            Arc::new(move |_| sampler.sample_gauges()),
+        ));
+    }
     let router =
         asr_runtime::router_with_health_and_reflection::<FeatureServiceServer<FeatureServer>>()
             .await?

@@ -59,6 +59,8 @@ async fn request_spans_reach_the_otlp_collector() {
             "json",
             "--drain-seconds",
             "1",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ])
         .args(["--otlp-endpoint", &format!("http://{collector_addr}")])
         .stderr(Stdio::piped())
@@ -67,11 +69,15 @@ async fn request_spans_reach_the_otlp_collector() {
     let mut child = KillOnDrop(child);
     let stderr = child.0.stderr.take().expect("stderr");
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (metrics_tx, metrics_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) {
                 if let Some(addr) = entry["fields"]["address"].as_str() {
                     let _ = addr_tx.send(addr.to_string());
+                }
+                if let Some(addr) = entry["fields"]["metrics_address"].as_str() {
+                    let _ = metrics_tx.send(addr.to_string());
                 }
             }
         }
@@ -108,6 +114,27 @@ async fn request_spans_reach_the_otlp_collector() {
         .into_inner();
     while responses.message().await.expect("stream").is_some() {}
     drop(client);
+
+    // The request is counted in the Prometheus metrics.
+    let metrics_addr = metrics_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the service logs its metrics address");
+    let body = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut socket = std::net::TcpStream::connect(&metrics_addr).expect("metrics socket");
+        socket
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .expect("request");
+        let mut body = String::new();
+        socket.read_to_string(&mut body).expect("response");
+        body
+    })
+    .await
+    .expect("join");
+    assert!(
+        body.contains("asr_feature_requests_total{rpc=\"Extract\",code=\"Ok\"} 1"),
+        "{body}"
+    );
 
     // SIGTERM: the service stops and flushes its spans on the way out.
     let killed = Command::new("kill")
