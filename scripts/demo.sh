@@ -60,5 +60,6 @@ echo "== a short LoRA job (the recipe: r=4, alpha 64, q_proj/v_proj, lr 1e-3; 1 
 
 echo "== transcription with the new adapter"
 "$bin/asr" adapters load espeak-demo
-"$bin/asr" adapters list
+# (no --model-service: asr asks the feature service at ASR_SERVER where the model service is)
+env -u ASR_MODEL_SERVICE "$bin/asr" adapters list
 "$bin/asr" transcribe --language zh --adapter-name espeak-demo "$clip"

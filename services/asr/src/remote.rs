@@ -18,14 +18,14 @@ const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Args, Clone)]
 pub struct ModelServiceArg {
-    /// Model service URL.
-    #[arg(
-        long,
-        env = "ASR_MODEL_SERVICE",
-        default_value = "http://127.0.0.1:50052"
-    )]
+    /// Model service URL. Unset: the one the feature service at ASR_SERVER (default
+    /// http://127.0.0.1:50051) relays to, as its GetInfo reports it.
+    #[arg(long, env = "ASR_MODEL_SERVICE", default_value = "")]
     pub model_service: String,
 }
+
+/// Where the feature service is when `asr transcribe --server` is not in play.
+const DEFAULT_FEATURE_SERVER: &str = "http://127.0.0.1:50051";
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
@@ -33,8 +33,30 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// The model service the feature service relays to.
+async fn model_service_of_feature_service() -> anyhow::Result<String> {
+    let server = std::env::var("ASR_SERVER").unwrap_or_else(|_| DEFAULT_FEATURE_SERVER.into());
+    let mut client = pb::feature_service_client::FeatureServiceClient::connect(server.clone())
+        .await
+        .with_context(|| {
+            format!("no --model-service given, and the feature service at {server} (ASR_SERVER) cannot be reached to ask")
+        })?;
+    let info = client.get_info(pb::GetInfoRequest {}).await?.into_inner();
+    anyhow::ensure!(
+        !info.model_service_address.is_empty(),
+        "no --model-service given, and the feature service at {server} relays to none"
+    );
+    Ok(info.model_service_address)
+}
+
+/// A client of the model service at `url` (empty: ask the feature service).
 pub async fn connect(url: &str) -> anyhow::Result<ModelServiceClient<Channel>> {
-    let channel = Endpoint::from_shared(url.to_string())
+    let url = if url.is_empty() {
+        model_service_of_feature_service().await?
+    } else {
+        url.to_string()
+    };
+    let channel = Endpoint::from_shared(url.clone())
         .with_context(|| format!("--model-service {url:?} is not a valid URL"))?
         .connect()
         .await
