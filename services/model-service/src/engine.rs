@@ -357,6 +357,8 @@ impl Worker {
             LoadOptions {
                 device: self.config.device,
                 precision: self.config.precision,
+                // A window's text must not depend on the other requests batched with it.
+                per_sample_outliers: true,
                 ..Default::default()
             },
         )?;

@@ -28,6 +28,10 @@ pub struct Int8Weight {
     scale: Tensor,
     outlier_threshold: f64,
     compute: Int8Compute,
+    /// Outlier columns chosen per sample of a batch (`[B, T, in]` inputs) rather than over
+    /// all rows as bitsandbytes does, so that a sample's output does not depend on what it is
+    /// batched with.
+    per_sample_outliers: bool,
 }
 
 /// How an int8 layer multiplies (its storage stays int8 either way).
@@ -71,6 +75,7 @@ impl Int8Weight {
             scale,
             outlier_threshold,
             compute: Int8Compute::default(),
+            per_sample_outliers: false,
         }
     }
 
@@ -81,7 +86,17 @@ impl Int8Weight {
 
     /// `x [M, in]` (float) times the weight's transpose, `[M, out]` in float32. In-place steps
     /// keep the temporaries to about three activation-sized tensors.
+    #[cfg(test)]
     fn matmul_t(&self, x: &Tensor) -> Tensor {
+        self.matmul_t_grouped(x, 1)
+    }
+
+    /// [`Self::matmul_t`] with `x`'s rows in `groups` consecutive samples, each with its own
+    /// outlier columns (1: one set over all rows, LLM.int8's rule).
+    fn matmul_t_grouped(&self, x: &Tensor, groups: i64) -> Tensor {
+        if groups > 1 && self.outlier_threshold > 0.0 {
+            return self.matmul_t_per_sample(x, groups);
+        }
         let x = x.to_kind(Kind::Float);
         let mut magnitude = x.abs();
         let outliers = if self.outlier_threshold > 0.0 {
@@ -122,6 +137,59 @@ impl Int8Weight {
     }
 }
 
+impl Int8Weight {
+    /// Per-sample outliers: sample `b`'s rows get int8 products on every column but its own
+    /// outlier columns, and float products on those, as if it were alone. The float part runs
+    /// over the union of the samples' outlier columns with the others' values zeroed.
+    fn matmul_t_per_sample(&self, x: &Tensor, groups: i64) -> Tensor {
+        let x = x.to_kind(Kind::Float);
+        let (m, in_dim) = x.size2().unwrap_or((x.size()[0], x.size()[1]));
+        let rows = m / groups;
+        let shape = [groups, rows, in_dim];
+        let magnitude = x.abs();
+        let mask = magnitude
+            .view(shape)
+            .gt(self.outlier_threshold)
+            .any_dim(1, true);
+        let has_outliers = mask.any().int64_value(&[]) != 0;
+        let (regular, outliers) = if has_outliers {
+            let full = mask.expand(shape, false);
+            let _ = magnitude.view(shape).masked_fill_(&full, 0.0);
+            let regular = x.view(shape).masked_fill(&full, 0.0).view([m, in_dim]);
+            let columns = mask
+                .any_dim(0, false)
+                .view([in_dim])
+                .nonzero()
+                .squeeze_dim(1);
+            let own = x
+                .view(shape)
+                .masked_fill(&full.logical_not(), 0.0)
+                .view([m, in_dim])
+                .index_select(1, &columns);
+            (regular, Some((columns, own)))
+        } else {
+            (x.shallow_clone(), None)
+        };
+        let row_scale = (magnitude.amax([1], true) / 127.0).clamp_min(1e-12);
+        drop(magnitude);
+        let mut scaled = &regular / &row_scale;
+        drop(regular);
+        let _ = scaled.round_().clamp_(-127.0, 127.0);
+        let xq = scaled.to_kind(Kind::Int8);
+        drop(scaled);
+        let mut y = int_mm(&xq, &self.q_t).to_kind(Kind::Float);
+        drop(xq);
+        y *= &row_scale;
+        y *= self.scale.unsqueeze(0);
+        if let Some((columns, own)) = outliers {
+            let w_cols =
+                self.q_t.index_select(0, &columns).to_kind(Kind::Float) * self.scale.unsqueeze(0);
+            y += own.matmul(&w_cols);
+        }
+        y
+    }
+}
+
 extern "C" {
     /// csrc/int8_grad.cpp: `y` passed through, with dL/dx = (dL/dy * scale) @ q^T.
     fn asr_int8_linear_grad(
@@ -135,14 +203,14 @@ extern "C" {
 impl Int8Weight {
     /// [`Self::matmul_t`], differentiable with respect to `x` when `x` needs a gradient (an
     /// adapter below this layer trains).
-    fn matmul_t_with_grad(&self, x: &Tensor) -> Tensor {
+    fn matmul_t_with_grad(&self, x: &Tensor, groups: i64) -> Tensor {
         if let Int8Compute::Dequantized(kind) = self.compute {
             let w_t = tch::no_grad(|| {
                 (self.q_t.to_kind(Kind::Float) * self.scale.unsqueeze(0)).to_kind(kind)
             });
             return x.to_kind(kind).matmul(&w_t).to_kind(Kind::Float);
         }
-        let y = tch::no_grad(|| self.matmul_t(x));
+        let y = tch::no_grad(|| self.matmul_t_grouped(x, groups));
         if !x.requires_grad() {
             return y;
         }
@@ -280,6 +348,13 @@ impl Linear {
         self.lora = adapter.and_then(|a| a.layer_for(&self.name));
     }
 
+    /// Batch-invariant int8 (see [`Int8Weight`]'s `per_sample_outliers`); float layers ignore it.
+    pub fn set_per_sample_outliers(&mut self, on: bool) {
+        if let LinearWeight::Int8(weight) = &mut self.weight {
+            weight.per_sample_outliers = on;
+        }
+    }
+
     /// Mixed precision: the base product in `kind` (an int8 weight dequantised to it, see
     /// [`Int8Compute::Dequantized`]), the output and the adapter in float32; `None` goes
     /// back to full precision (and to the int8 GEMM).
@@ -330,7 +405,13 @@ impl Linear {
             LinearWeight::Int8(weight) => {
                 let shape = xs.size();
                 let in_dim = shape[shape.len() - 1];
-                let y = weight.matmul_t_with_grad(&xs.reshape([-1, in_dim]));
+                // Per-sample outliers need the sample boundaries: `[B, T, in]` is B samples.
+                let groups = if weight.per_sample_outliers && shape.len() >= 3 {
+                    shape[0]
+                } else {
+                    1
+                };
+                let y = weight.matmul_t_with_grad(&xs.reshape([-1, in_dim]), groups);
                 let y = match bias {
                     Some(bias) => y + bias.to_kind(Kind::Float),
                     None => y,
@@ -454,7 +535,7 @@ mod tests {
         let q = Int8Weight::quantize(&w, DEFAULT_OUTLIER_THRESHOLD);
         let x = Tensor::randn([5, 64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let upstream = Tensor::randn([5, 32], (Kind::Float, Device::Cpu));
-        let y = q.matmul_t_with_grad(&x);
+        let y = q.matmul_t_with_grad(&x, 1);
         assert!(y.requires_grad());
         (&y * &upstream).sum(Kind::Float).backward();
         let expected = upstream.matmul(&q.dequantize());
@@ -462,7 +543,7 @@ mod tests {
         assert!(err < 1e-5, "input gradient off by {err}");
         // Without a gradient to carry, no graph is built.
         let plain = Tensor::randn([5, 64], (Kind::Float, Device::Cpu));
-        assert!(!q.matmul_t_with_grad(&plain).requires_grad());
+        assert!(!q.matmul_t_with_grad(&plain, 1).requires_grad());
     }
 
     #[test]
@@ -481,5 +562,29 @@ mod tests {
             "outlier handling should help"
         );
         assert!(err(&with_outliers) < 0.02);
+    }
+
+    #[test]
+    fn per_sample_outliers_make_a_batch_invariant() {
+        tch::manual_seed(11);
+        let w = Tensor::randn([16, 32], (Kind::Float, Device::Cpu)) * 0.1;
+        let mut q = Int8Weight::quantize(&w, 6.0);
+        q.per_sample_outliers = true;
+        let a = Tensor::randn([3, 32], (Kind::Float, Device::Cpu));
+        let b = Tensor::randn([3, 32], (Kind::Float, Device::Cpu));
+        // Different outlier columns in the two samples.
+        let _ = a.get(0).get(2).fill_(9.0);
+        let _ = b.get(1).get(7).fill_(-12.0);
+        let batched = q.matmul_t_grouped(&Tensor::cat(&[&a, &b], 0), 2);
+        let alone = Tensor::cat(&[q.matmul_t(&a), q.matmul_t(&b)], 0);
+        let diff = (&batched - &alone).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "per-sample batch differs from alone by {diff}");
+        // LLM.int8's rule (one set over the batch) does depend on the neighbour.
+        let union = q.matmul_t(&Tensor::cat(&[&a, &b], 0));
+        let shared = (&union - &alone).abs().max().double_value(&[]);
+        assert!(
+            shared > 1e-4,
+            "expected the shared outlier set to change the output"
+        );
     }
 }

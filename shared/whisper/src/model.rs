@@ -619,6 +619,18 @@ impl Whisper {
         }
     }
 
+    /// Batch-invariant int8: each sample of a batch picks its own LLM.int8 outlier columns
+    /// (see [`Linear::set_per_sample_outliers`]), so a window decodes the same alone or
+    /// batched with others, as a server batching unrelated requests needs.
+    pub fn set_per_sample_outliers(&mut self, on: bool) {
+        for linear in self.linears_mut() {
+            linear.set_per_sample_outliers(on);
+        }
+        if let Some(proj_out) = self.decoder.proj_out.as_mut() {
+            proj_out.set_per_sample_outliers(on);
+        }
+    }
+
     /// Back to the base model.
     pub fn detach(&mut self) {
         for linear in self.linears_mut() {

@@ -48,6 +48,9 @@ pub struct LoadOptions {
     /// How the logits projection is held (see [`OutputProjection`]); `None`: for int8 on the
     /// CPU [`OutputProjection::cpu_default`], otherwise tied to the embedding.
     pub output_projection: Option<OutputProjection>,
+    /// int8: outlier columns per window rather than per batch, so a window's transcript does
+    /// not depend on the windows decoded with it (see [`Whisper::set_per_sample_outliers`]).
+    pub per_sample_outliers: bool,
 }
 
 impl Default for LoadOptions {
@@ -57,6 +60,7 @@ impl Default for LoadOptions {
             precision: Precision::Int8,
             outlier_threshold: DEFAULT_OUTLIER_THRESHOLD,
             output_projection: None,
+            per_sample_outliers: false,
         }
     }
 }
@@ -169,8 +173,9 @@ impl LoadedModel {
         if options.precision == Precision::Int8 {
             weights = weights.with_int8_linears(options.outlier_threshold);
         }
-        let model = Whisper::load(weights, &config)
+        let mut model = Whisper::load(weights, &config)
             .with_context(|| format!("building Whisper from {}", dir.display()))?;
+        model.set_per_sample_outliers(options.per_sample_outliers);
         Ok(Self {
             model,
             generation,
