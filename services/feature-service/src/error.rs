@@ -25,8 +25,6 @@ pub enum FeatureError {
     TooManyStreams { limit: usize },
     #[error("client stream failed: {0}")]
     ClientStream(Status),
-    #[error("{0} is not implemented by this version of the feature service")]
-    NotImplemented(&'static str),
     #[error(
         "no model service configured: start the feature service with --model-service URL \
          (or ASR_MODEL_SERVICE) to transcribe"
@@ -72,7 +70,6 @@ impl From<FeatureError> for Status {
             | FeatureError::DuplicateConfig => bad_request("config", message),
             FeatureError::TooManyStreams { .. } => Status::resource_exhausted(message),
             FeatureError::ClientStream(status) => Status::new(status.code(), message),
-            FeatureError::NotImplemented(_) => Status::unimplemented(message),
             FeatureError::NoModelService | FeatureError::UnsupportedModelMels { .. } => {
                 Status::failed_precondition(message)
             }

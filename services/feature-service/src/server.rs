@@ -126,16 +126,8 @@ impl FeatureServer {
 
 impl FeatureServer {
     fn count_request<T>(&self, rpc: &'static str, result: &Result<T, Status>) {
-        let code = match result {
-            Ok(_) => "Ok".to_string(),
-            Err(status) => format!("{:?}", status.code()),
-        };
-        self.metrics.add(
-            "asr_feature_requests_total",
-            "RPCs started, by method and status code.",
-            vec![("rpc", rpc.into()), ("code", code)],
-            1.0,
-        );
+        self.metrics
+            .count_rpc("asr_feature_requests_total", rpc, result);
     }
 
     /// Gauges sampled when metrics are read.

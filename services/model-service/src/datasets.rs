@@ -8,7 +8,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use asr_audio::{normalize_window, WINDOW_FRAMES};
 use asr_proto::v1 as pb;
@@ -16,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
 use crate::registry::validate_name;
+use crate::store::{entry_names, now, remove_aside, timestamp, write_synced};
 
 const META_FILE: &str = "dataset.json";
 const LOG_FILE: &str = "examples.jsonl";
@@ -94,17 +94,6 @@ impl Dataset {
     }
 }
 
-fn timestamp(seconds: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds, nanos: 0 }
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 fn window_path(dir: &Path, index: u64) -> PathBuf {
     dir.join("windows").join(format!("{index}.f32"))
 }
@@ -131,14 +120,7 @@ impl DatasetStore {
     }
 
     pub fn names(&self) -> Result<Vec<String>, ModelError> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.root)
-            .map_err(ModelError::internal)?
-            .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| validate_name(n, "name").is_ok() && self.exists(n))
-            .collect();
-        names.sort();
-        Ok(names)
+        entry_names(&self.root, |n| self.exists(n))
     }
 
     /// Opens a dataset (dropping a torn last log line).
@@ -200,30 +182,13 @@ impl DatasetStore {
     /// Removes a dataset (renamed aside first, so it disappears at once).
     pub fn delete(&self, name: &str) -> Result<(), ModelError> {
         self.get(name)?;
-        let trash = self
-            .root
-            .join(format!(".deleting-{name}-{}", std::process::id()));
-        std::fs::rename(self.dir_of(name), &trash).map_err(ModelError::internal)?;
-        std::fs::remove_dir_all(&trash).map_err(ModelError::internal)
+        remove_aside(&self.root, name)
     }
 }
 
 fn write_meta(dir: &Path, meta: &DatasetMeta) -> Result<(), ModelError> {
     let bytes = serde_json::to_vec_pretty(meta).map_err(ModelError::internal)?;
     write_synced(&dir.join(META_FILE), &bytes)
-}
-
-/// Writes through a temporary file, fsync and rename.
-pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let result = (|| -> std::io::Result<()> {
-        let mut file = tempfile::NamedTempFile::new_in(dir)?;
-        file.write_all(bytes)?;
-        file.as_file().sync_all()?;
-        file.persist(path).map_err(|e| e.error)?;
-        Ok(())
-    })();
-    result.map_err(|e| ModelError::internal(format!("writing {}: {e}", path.display())))
 }
 
 /// Why an example is not stored.

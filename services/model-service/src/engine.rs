@@ -526,7 +526,7 @@ impl Worker {
                 None => groups.push((key, vec![job])),
             }
         }
-        for (_, group) in groups {
+        for (_, mut group) in groups {
             let size = group.len() as u64;
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
             self.stats.windows.fetch_add(size, Ordering::Relaxed);
@@ -540,7 +540,11 @@ impl Worker {
             );
             let options = group[0].options.clone();
             let adapter = group[0].adapter.clone();
-            let windows: Vec<Vec<f32>> = group.iter().map(|j| j.window.clone()).collect();
+            // Moved out: a window is 1 MB, and the job only needs its reply from here.
+            let windows: Vec<Vec<f32>> = group
+                .iter_mut()
+                .map(|j| std::mem::take(&mut j.window))
+                .collect();
             let result = Self::with_adapter(loaded, &adapter, |model| {
                 model.transcribe_windows(&windows, &options)
             });

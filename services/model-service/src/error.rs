@@ -8,8 +8,6 @@ use tonic_types::{ErrorDetails, StatusExt};
 pub enum ModelError {
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("{0} is not implemented by this version of the model service")]
-    NotImplemented(&'static str),
     /// A request field is malformed; `field` is its path in the request (e.g.
     /// `config.options.decoding.beam_size`).
     #[error("{field}: {description}")]
@@ -76,7 +74,6 @@ impl From<ModelError> for Status {
             ModelError::Config(_) | ModelError::FailedPrecondition(_) | ModelError::NoModel => {
                 Status::failed_precondition(message)
             }
-            ModelError::NotImplemented(_) => Status::unimplemented(message),
             ModelError::InvalidField { field, .. } => bad_request(&field, message),
             ModelError::ConfigNotFirst
             | ModelError::MissingConfig

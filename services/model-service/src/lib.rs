@@ -6,6 +6,7 @@
 //! - [`registry`]: the adapter registry on disk; [`datasets`], [`ingest`]: the dataset
 //!   store and IngestExamples;
 //! - [`training`]: LoRA training jobs (validated, persisted, resumed after a restart);
+//! - [`store`]: atomic writes and listing shared by the on-disk stores;
 //! - [`server`]: the gRPC surface.
 
 pub mod config;
@@ -17,6 +18,7 @@ pub mod ingest;
 pub mod options;
 pub mod registry;
 pub mod server;
+pub mod store;
 pub mod training;
 pub mod transcribe;
 

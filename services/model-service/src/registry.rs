@@ -4,7 +4,6 @@
 //! with a rename, so a reader never sees half an adapter.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use asr_proto::v1 as pb;
 use asr_whisper::adapter_io::{read_peft_config, CONFIG_FILE, WEIGHTS_FILE};
@@ -12,6 +11,7 @@ use asr_whisper::{LoraBias, TargetModules};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
+use crate::store::{entry_names, now, remove_aside, timestamp};
 
 const META_FILE: &str = "registry.json";
 const MAX_NAME_LEN: usize = 64;
@@ -78,14 +78,10 @@ impl Registry {
 
     /// Every stored adapter, sorted by name (directories that are not adapters are skipped).
     pub fn list(&self) -> Result<Vec<StoredAdapter>, ModelError> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.root)
-            .map_err(ModelError::internal)?
-            .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| validate_name(n, "name").is_ok() && self.exists(n))
-            .collect();
-        names.sort();
-        names.iter().map(|n| self.get(n)).collect()
+        entry_names(&self.root, |n| self.exists(n))?
+            .iter()
+            .map(|n| self.get(n))
+            .collect()
     }
 
     pub fn get(&self, name: &str) -> Result<StoredAdapter, ModelError> {
@@ -176,19 +172,8 @@ impl Registry {
     /// Removes an adapter's files (moved aside first, so it disappears at once).
     pub fn delete(&self, name: &str) -> Result<(), ModelError> {
         self.get(name)?;
-        let trash = self
-            .root
-            .join(format!(".deleting-{name}-{}", std::process::id()));
-        std::fs::rename(self.dir_of(name), &trash).map_err(ModelError::internal)?;
-        std::fs::remove_dir_all(&trash).map_err(ModelError::internal)
+        remove_aside(&self.root, name)
     }
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// The registry's view of a stored adapter (`loaded` is filled in by the caller).
@@ -222,10 +207,7 @@ fn describe(name: &str, dir: &Path) -> anyhow::Result<pb::AdapterInfo> {
         trainable_parameters: safetensors_elements(&weights)?,
         loaded: false,
         size_bytes,
-        created_time: Some(prost_types::Timestamp {
-            seconds: meta.created_unix_seconds,
-            nanos: 0,
-        }),
+        created_time: Some(timestamp(meta.created_unix_seconds)),
         origin: match meta.origin.as_str() {
             "trained" => pb::AdapterOrigin::Trained,
             "imported" => pb::AdapterOrigin::Imported,

@@ -145,16 +145,8 @@ impl ModelServer {
     }
 
     fn count_request<T>(&self, rpc: &'static str, result: &RpcResult<T>) {
-        let code = match result {
-            Ok(_) => "Ok".to_string(),
-            Err(status) => format!("{:?}", status.code()),
-        };
-        self.metrics.add(
-            "asr_model_requests_total",
-            "RPCs started, by method and status code.",
-            vec![("rpc", rpc.into()), ("code", code)],
-            1.0,
-        );
+        self.metrics
+            .count_rpc("asr_model_requests_total", rpc, result);
     }
 
     /// MergeAdapters' inputs checked: (directory, weight) each, and their common base model.
@@ -340,6 +332,25 @@ impl ModelServer {
     }
 }
 
+/// A List request's page size: 0 = 100, at most 1000.
+fn page_size(requested: u32) -> usize {
+    match requested {
+        0 => 100,
+        n => n.min(1000) as usize,
+    }
+}
+
+/// Cuts `items` (fetched one past the page) to `size`; the next page token is the last key
+/// kept, or empty on the last page.
+fn trim_page<T>(items: &mut Vec<T>, size: usize, key: impl Fn(&T) -> String) -> String {
+    if items.len() > size {
+        items.truncate(size);
+        items.last().map(key).unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
 #[tonic::async_trait]
 impl ModelService for ModelServer {
     type TranscribeStream = ResponseStream<pb::TranscribeResponse>;
@@ -448,10 +459,7 @@ impl ModelService for ModelServer {
     ) -> RpcResult<pb::ListDatasetsResponse> {
         let result: RpcResult<pb::ListDatasetsResponse> = async {
             let request = request.into_inner();
-            let page_size = match request.page_size {
-                0 => 100,
-                n => n.min(1000) as usize,
-            };
+            let page_size = page_size(request.page_size);
             if !request.page_token.is_empty() {
                 validate_name(&request.page_token, "page_token")?;
             }
@@ -469,12 +477,7 @@ impl ModelService for ModelServer {
                 })
                 .await
                 .map_err(ModelError::internal)??;
-            let next_page_token = if datasets.len() > page_size {
-                datasets.truncate(page_size);
-                datasets.last().map(|d| d.name.clone()).unwrap_or_default()
-            } else {
-                String::new()
-            };
+            let next_page_token = trim_page(&mut datasets, page_size, |d| d.name.clone());
             Ok(Response::new(pb::ListDatasetsResponse {
                 datasets,
                 next_page_token,
@@ -637,10 +640,7 @@ impl ModelService for ModelServer {
             let Some(jobs) = &self.jobs else {
                 return Ok(Response::new(pb::ListTrainingJobsResponse::default()));
             };
-            let page_size = match request.page_size {
-                0 => 100,
-                n => n.min(1000) as usize,
-            };
+            let page_size = page_size(request.page_size);
             let all = jobs.list(&request.states)?;
             let start = if request.page_token.is_empty() {
                 0
@@ -704,10 +704,7 @@ impl ModelService for ModelServer {
     ) -> RpcResult<pb::ListAdaptersResponse> {
         let result: RpcResult<pb::ListAdaptersResponse> = async {
             let request = request.into_inner();
-            let page_size = match request.page_size {
-                0 => 100,
-                n => n.min(1000) as usize,
-            };
+            let page_size = page_size(request.page_size);
             if !request.page_token.is_empty() {
                 validate_name(&request.page_token, "page_token")?;
             }
@@ -729,12 +726,7 @@ impl ModelService for ModelServer {
                 .filter(|info| !request.loaded_only || info.loaded)
                 .take(page_size + 1)
                 .collect();
-            let next_page_token = if adapters.len() > page_size {
-                adapters.truncate(page_size);
-                adapters.last().map(|a| a.name.clone()).unwrap_or_default()
-            } else {
-                String::new()
-            };
+            let next_page_token = trim_page(&mut adapters, page_size, |a| a.name.clone());
             Ok(Response::new(pb::ListAdaptersResponse {
                 adapters,
                 next_page_token,

@@ -121,6 +121,25 @@ impl Registry {
         }
     }
 
+    /// Counts one RPC in counter `name`, by method and status code (`Ok` on success).
+    pub fn count_rpc<T>(
+        &self,
+        name: &'static str,
+        rpc: &'static str,
+        result: &Result<T, tonic::Status>,
+    ) {
+        let code = match result {
+            Ok(_) => "Ok".to_string(),
+            Err(status) => format!("{:?}", status.code()),
+        };
+        self.add(
+            name,
+            "RPCs started, by method and status code.",
+            vec![("rpc", rpc.into()), ("code", code)],
+            1.0,
+        );
+    }
+
     /// Sets a gauge.
     pub fn set(&self, name: &'static str, help: &'static str, labels: Labels, value: f64) {
         if let Some(series) = self.series(name, help, "gauge", labels, || {

@@ -94,82 +94,90 @@ impl Int8Weight {
     /// [`Self::matmul_t`] with `x`'s rows in `groups` consecutive samples, each with its own
     /// outlier columns (1: one set over all rows, LLM.int8's rule).
     fn matmul_t_grouped(&self, x: &Tensor, groups: i64) -> Tensor {
-        if groups > 1 && self.outlier_threshold > 0.0 {
-            return self.matmul_t_per_sample(x, groups);
-        }
         let x = x.to_kind(Kind::Float);
-        let mut magnitude = x.abs();
-        let outliers = if self.outlier_threshold > 0.0 {
-            let columns = magnitude
-                .gt(self.outlier_threshold)
-                .any_dim(0, false)
-                .nonzero()
-                .squeeze_dim(1);
-            (columns.size()[0] > 0).then_some(columns)
+        let split = if groups > 1 && self.outlier_threshold > 0.0 {
+            self.split_per_sample(&x, groups)
         } else {
-            None
+            self.split_shared(&x)
         };
-        let regular = match &outliers {
-            Some(columns) => {
-                let _ = magnitude.index_fill_(1, columns, 0.0);
-                x.index_fill(1, columns, 0.0)
-            }
-            None => x.shallow_clone(),
-        };
-        let row_scale = (magnitude.amax([1], true) / 127.0).clamp_min(1e-12);
-        drop(magnitude);
-        let mut scaled = &regular / &row_scale;
-        drop(regular);
-        let _ = scaled.round_().clamp_(-127.0, 127.0);
-        let xq = scaled.to_kind(Kind::Int8);
-        drop(scaled);
-        let mut y = int_mm(&xq, &self.q_t).to_kind(Kind::Float);
-        drop(xq);
-        y *= &row_scale;
-        y *= self.scale.unsqueeze(0);
-        if let Some(columns) = outliers {
-            // The outlier columns in float: x[:, cols] @ (q[:, cols] * scale)^T.
-            let w_cols =
-                self.q_t.index_select(0, &columns).to_kind(Kind::Float) * self.scale.unsqueeze(0);
-            y += x.index_select(1, &columns).matmul(&w_cols);
-        }
-        y
+        self.int8_product(split)
     }
-}
 
-impl Int8Weight {
+    /// LLM.int8's rule: one set of outlier columns over all rows.
+    fn split_shared(&self, x: &Tensor) -> OutlierSplit {
+        let mut magnitude = x.abs();
+        let columns = (self.outlier_threshold > 0.0)
+            .then(|| {
+                magnitude
+                    .gt(self.outlier_threshold)
+                    .any_dim(0, false)
+                    .nonzero()
+                    .squeeze_dim(1)
+            })
+            .filter(|columns| columns.size()[0] > 0);
+        match columns {
+            Some(columns) => {
+                let _ = magnitude.index_fill_(1, &columns, 0.0);
+                let own = x.index_select(1, &columns);
+                OutlierSplit {
+                    regular: x.index_fill(1, &columns, 0.0),
+                    magnitude,
+                    outliers: Some((columns, own)),
+                }
+            }
+            None => OutlierSplit {
+                regular: x.shallow_clone(),
+                magnitude,
+                outliers: None,
+            },
+        }
+    }
+
     /// Per-sample outliers: sample `b`'s rows get int8 products on every column but its own
     /// outlier columns, and float products on those, as if it were alone. The float part runs
     /// over the union of the samples' outlier columns with the others' values zeroed.
-    fn matmul_t_per_sample(&self, x: &Tensor, groups: i64) -> Tensor {
-        let x = x.to_kind(Kind::Float);
+    fn split_per_sample(&self, x: &Tensor, groups: i64) -> OutlierSplit {
         let (m, in_dim) = x.size2().unwrap_or((x.size()[0], x.size()[1]));
-        let rows = m / groups;
-        let shape = [groups, rows, in_dim];
+        let shape = [groups, m / groups, in_dim];
         let magnitude = x.abs();
         let mask = magnitude
             .view(shape)
             .gt(self.outlier_threshold)
             .any_dim(1, true);
-        let has_outliers = mask.any().int64_value(&[]) != 0;
-        let (regular, outliers) = if has_outliers {
-            let full = mask.expand(shape, false);
-            let _ = magnitude.view(shape).masked_fill_(&full, 0.0);
-            let regular = x.view(shape).masked_fill(&full, 0.0).view([m, in_dim]);
-            let columns = mask
-                .any_dim(0, false)
-                .view([in_dim])
-                .nonzero()
-                .squeeze_dim(1);
-            let own = x
-                .view(shape)
-                .masked_fill(&full.logical_not(), 0.0)
-                .view([m, in_dim])
-                .index_select(1, &columns);
-            (regular, Some((columns, own)))
-        } else {
-            (x.shallow_clone(), None)
-        };
+        if mask.any().int64_value(&[]) == 0 {
+            return OutlierSplit {
+                regular: x.shallow_clone(),
+                magnitude,
+                outliers: None,
+            };
+        }
+        let full = mask.expand(shape, false);
+        let _ = magnitude.view(shape).masked_fill_(&full, 0.0);
+        let columns = mask
+            .any_dim(0, false)
+            .view([in_dim])
+            .nonzero()
+            .squeeze_dim(1);
+        let own = x
+            .view(shape)
+            .masked_fill(&full.logical_not(), 0.0)
+            .view([m, in_dim])
+            .index_select(1, &columns);
+        OutlierSplit {
+            regular: x.view(shape).masked_fill(&full, 0.0).view([m, in_dim]),
+            magnitude,
+            outliers: Some((columns, own)),
+        }
+    }
+
+    /// The int8 GEMM of the regular part (per-row absmax quantisation) plus the outlier
+    /// columns in float: `own @ (q[:, cols] * scale)^T`.
+    fn int8_product(&self, split: OutlierSplit) -> Tensor {
+        let OutlierSplit {
+            regular,
+            magnitude,
+            outliers,
+        } = split;
         let row_scale = (magnitude.amax([1], true) / 127.0).clamp_min(1e-12);
         drop(magnitude);
         let mut scaled = &regular / &row_scale;
@@ -188,6 +196,14 @@ impl Int8Weight {
         }
         y
     }
+}
+
+/// Activations split for LLM.int8: the regular values (outlier columns zeroed), their
+/// magnitudes for the row scales (likewise), and the outlier columns with their values.
+struct OutlierSplit {
+    regular: Tensor,
+    magnitude: Tensor,
+    outliers: Option<(Tensor, Tensor)>,
 }
 
 extern "C" {

@@ -9,7 +9,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use asr_proto::v1 as pb;
 use prost::Message;
@@ -18,24 +17,13 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use crate::datasets::write_synced;
 use crate::error::ModelError;
+use crate::store::{now, timestamp, write_synced};
 use crate::training::spec::JobSpec;
 
 const RECORD_FILE: &str = "job.json";
 const REQUEST_FILE: &str = "request.pb";
 const EVENTS_FILE: &str = "events.pb";
-
-pub fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-fn timestamp(seconds: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds, nanos: 0 }
-}
 
 /// What `job.json` holds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -21,7 +21,8 @@ use tokio::sync::mpsc;
 
 use crate::datasets::DatasetStore;
 use crate::registry::Registry;
-use crate::training::jobs::{now, JobRecord, Jobs};
+use crate::store::now;
+use crate::training::jobs::{JobRecord, Jobs};
 use crate::training::spec::{DataRef, JobSpec};
 
 use pb::training_event::Event;
@@ -198,13 +199,16 @@ impl Runner {
             decoder_start: loaded.generation.decoder_start_token_id,
             pad: loaded.generation.eos_token_id,
         };
-        let generation = loaded.generation.clone();
-        let tokenizer_dir = self.model_dir.join("tokenizer.json");
-        let tokenizer =
-            asr_whisper::WhisperTokenizer::from_file(&tokenizer_dir, generation.eos_token_id)?;
+        // The trainer borrows the network; evaluation borrows the tokenizer and prompt beside it.
+        let LoadedModel {
+            model,
+            generation,
+            tokenizer,
+            ..
+        } = &mut loaded;
         let generation_eval = spec.predict_with_generate.then(|| GenerationEval {
-            generation: &generation,
-            tokenizer: &tokenizer,
+            generation,
+            tokenizer,
             language: Some(language.clone()),
             task: spec.task,
             max_length: spec.generation_max_length,
@@ -214,7 +218,7 @@ impl Runner {
             .len()
             .div_ceil(config.batch_size)
             .div_ceil(config.grad_accum) as u64;
-        let mut trainer = Trainer::new(&mut loaded.model, adapter, config, ids, train.len())?;
+        let mut trainer = Trainer::new(model, adapter, config, ids, train.len())?;
         trainer.stop = Some(stop);
         let output = self.jobs.dir_of(id).join("output");
         if let Some(epoch) = latest_checkpoint(&output) {
