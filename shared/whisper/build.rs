@@ -1,9 +1,11 @@
 //! Links the crate's binaries to the venv's libtorch and compiles the C++ autograd Function
-//! that carries gradients through int8 linear layers (csrc/int8_grad.cpp).
+//! that carries gradients through int8 linear layers (csrc/int8_grad.cpp) and the fused CPU
+//! passes of the int8 linear (csrc/int8_quant.cpp).
 
 fn main() {
     build_support::link_libtorch_rpath();
     println!("cargo:rerun-if-changed=csrc/int8_grad.cpp");
+    println!("cargo:rerun-if-changed=csrc/int8_quant.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Some(libtorch) = std::env::var_os("LIBTORCH").map(std::path::PathBuf::from) else {
@@ -14,6 +16,10 @@ fn main() {
     cc::Build::new()
         .cpp(true)
         .file("csrc/int8_grad.cpp")
+        .file("csrc/int8_quant.cpp")
+        // The fused int8 passes run on every linear layer's activations: optimised even in
+        // debug builds, where tests would otherwise spend minutes in them.
+        .opt_level(3)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

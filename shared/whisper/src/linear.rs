@@ -95,10 +95,21 @@ impl Int8Weight {
     /// outlier columns (1: one set over all rows, LLM.int8's rule).
     fn matmul_t_grouped(&self, x: &Tensor, groups: i64) -> Tensor {
         let x = x.to_kind(Kind::Float);
+        if x.device() == Device::Cpu {
+            if let Some(y) = self.fused_cpu_product(&x.contiguous(), groups) {
+                return y;
+            }
+        }
+        self.aten_product(&x, groups)
+    }
+
+    /// [`Self::matmul_t_grouped`] with ATen ops alone: on CUDA, and the reference the fused
+    /// CPU kernels are tested against.
+    fn aten_product(&self, x: &Tensor, groups: i64) -> Tensor {
         let split = if groups > 1 && self.outlier_threshold > 0.0 {
-            self.split_per_sample(&x, groups)
+            self.split_per_sample(x, groups)
         } else {
-            self.split_shared(&x)
+            self.split_shared(x)
         };
         self.int8_product(split)
     }
@@ -198,6 +209,51 @@ impl Int8Weight {
     }
 }
 
+impl Int8Weight {
+    /// The same product as [`Self::aten_product`], bit for bit, with the passes over the
+    /// activations fused in C++ (csrc/int8_quant.cpp): outlier columns and row quantisation in
+    /// two passes, the int32 -> float rescaling in one. `None` (and the error on stderr) if
+    /// libtorch refused, so the caller falls back to the ATen path.
+    fn fused_cpu_product(&self, x: &Tensor, groups: i64) -> Option<Tensor> {
+        let rows = x.size()[0];
+        if groups < 1 || rows % groups != 0 {
+            return None;
+        }
+        let mut out: [*mut torch_sys::C_tensor; 4] = [std::ptr::null_mut(); 4];
+        // SAFETY: `x` is a live tensor for the call; on success the C++ side stores four new
+        // heap tensors in `out`, each then owned by one `Tensor`.
+        let [xq, row_scale, columns, own] = unsafe {
+            let [a, b, c, d] = &mut out;
+            if asr_int8_quantize(x.as_ptr() as *mut _, self.outlier_threshold, groups, a, b, c, d)
+                != 0
+            {
+                return None;
+            }
+            out.map(|t| Tensor::from_ptr(t))
+        };
+        let acc = xq.internal_int_mm(&self.q_t);
+        // SAFETY: live tensors for the call; the result is a new heap tensor or null.
+        let y = unsafe {
+            let y = asr_int8_rescale(
+                acc.as_ptr() as *mut _,
+                row_scale.as_ptr() as *mut _,
+                self.scale.as_ptr() as *mut _,
+            );
+            if y.is_null() {
+                return None;
+            }
+            Tensor::from_ptr(y)
+        };
+        let mut y = y;
+        if columns.size()[0] > 0 {
+            let w_cols =
+                self.q_t.index_select(0, &columns).to_kind(Kind::Float) * self.scale.unsqueeze(0);
+            y += own.matmul(&w_cols);
+        }
+        Some(y)
+    }
+}
+
 /// Activations split for LLM.int8: the regular values (outlier columns zeroed), their
 /// magnitudes for the row scales (likewise), and the outlier columns with their values.
 struct OutlierSplit {
@@ -207,6 +263,25 @@ struct OutlierSplit {
 }
 
 extern "C" {
+    /// csrc/int8_quant.cpp: `x` f32 `[M, K]` (contiguous, CPU) -> int8 `[M, K]`, row scales
+    /// `[M, 1]`, outlier columns `[C]` and the rows' own outlier values `[M, C]`; 0 on success.
+    fn asr_int8_quantize(
+        x: *mut torch_sys::C_tensor,
+        threshold: f64,
+        groups: i64,
+        xq: *mut *mut torch_sys::C_tensor,
+        row_scale: *mut *mut torch_sys::C_tensor,
+        columns: *mut *mut torch_sys::C_tensor,
+        own: *mut *mut torch_sys::C_tensor,
+    ) -> i32;
+
+    /// csrc/int8_quant.cpp: `(float(acc) * row_scale) * col_scale`, or null.
+    fn asr_int8_rescale(
+        acc: *mut torch_sys::C_tensor,
+        row_scale: *mut torch_sys::C_tensor,
+        col_scale: *mut torch_sys::C_tensor,
+    ) -> *mut torch_sys::C_tensor;
+
     /// csrc/int8_grad.cpp: `y` passed through, with dL/dx = (dL/dy * scale) @ q^T.
     fn asr_int8_linear_grad(
         x: *mut torch_sys::C_tensor,
@@ -602,5 +677,35 @@ mod tests {
             shared > 1e-4,
             "expected the shared outlier set to change the output"
         );
+    }
+
+    #[test]
+    fn fused_cpu_kernels_give_the_aten_path_bit_for_bit() {
+        tch::manual_seed(5);
+        let w = Tensor::randn([48, 80], (Kind::Float, Device::Cpu)) * 0.05;
+        // Whisper-like activations: mostly small, a few columns far above the threshold, a
+        // zero row (the 1e-12 scale floor) and exact .5 quotients (rounding half to even).
+        let x = Tensor::randn([12, 80], (Kind::Float, Device::Cpu)) * 2.0;
+        let _ = x.get(1).get(5).fill_(30.0);
+        let _ = x.get(7).get(60).fill_(-9.5);
+        let _ = x.get(4).fill_(0.0);
+        let _ = x.get(9).copy_(&(Tensor::arange(80, (Kind::Float, Device::Cpu)) * 0.5 - 20.0));
+        for threshold in [6.0, 0.0, 100.0] {
+            let q = Int8Weight::quantize(&w, threshold);
+            for groups in [1, 2, 3, 12] {
+                let fused = q
+                    .fused_cpu_product(&x, groups)
+                    .expect("the fused kernels ran");
+                let aten = q.aten_product(&x, groups);
+                assert!(
+                    fused.equal(&aten),
+                    "threshold {threshold}, groups {groups}: fused differs from ATen by {}",
+                    (&fused - &aten).abs().max().double_value(&[])
+                );
+            }
+        }
+        // Rows not divisible into the groups: refused, for the caller's ATen path.
+        let q = Int8Weight::quantize(&w, 6.0);
+        assert!(q.fused_cpu_product(&x, 5).is_none());
     }
 }
