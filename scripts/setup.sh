@@ -5,6 +5,8 @@
 # checkout of the repository (CI clones elsewhere):
 #   $ASR_CACHE/venv-<key>     python venv from scripts/requirements.txt   -> repo/.venv (symlink)
 #   $ASR_CACHE/assets-<key>   models, real clips, espeak corpus            -> repo/assets (symlink)
+#   $ASR_CACHE/node-<key>     npm packages of examples/node (package-lock.json)
+#                                               -> repo/examples/node/node_modules (symlink)
 # A second run only recomputes the keys, finds the stamps and refreshes the symlinks.
 set -euo pipefail
 
@@ -34,6 +36,8 @@ command -v espeak-ng >/dev/null || apt_pkgs+=(espeak-ng)
 command -v sox >/dev/null || apt_pkgs+=(sox)
 # Debian's own python3 needs python3-venv for `python3 -m venv` (ensurepip).
 python3 -c 'import ensurepip, venv' 2>/dev/null || apt_pkgs+=(python3-venv)
+# Node.js and npm for the Node client example (examples/node) that the tests run.
+{ command -v node && command -v npm; } >/dev/null || apt_pkgs+=(nodejs npm)
 if ((${#apt_pkgs[@]})); then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -42,7 +46,7 @@ if ((${#apt_pkgs[@]})); then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${apt_pkgs[@]}"
     SUMMARY+=("apt:    installed ${apt_pkgs[*]}")
 else
-    SUMMARY+=("apt:    espeak-ng and sox already present")
+    SUMMARY+=("apt:    espeak-ng, sox and node already present")
 fi
 
 # Refuse to clobber a real directory where a symlink belongs.
@@ -66,7 +70,8 @@ else
     python3 -m venv "$VENV_DIR"
     "$PY" -m pip install --disable-pip-version-check -q -r scripts/requirements.txt
     "$PY" -c 'import torch, transformers, peft, faster_whisper, soundfile, soxr
-print("[setup] torch", torch.__version__, "| transformers", transformers.__version__, "| peft", peft.__version__)'
+import grpc, grpc_tools, grpc_reflection, grpc_status
+print("[setup] torch", torch.__version__, "| transformers", transformers.__version__, "| peft", peft.__version__, "| grpcio", grpc.__version__)'
     { echo "requirements sha256 key: $VENV_KEY"; python3 --version; date -u +%FT%TZ; } >"$VENV_STAMP"
     SUMMARY+=("venv:   built   $VENV_DIR")
 fi
@@ -74,6 +79,31 @@ link "$VENV_DIR" "$REPO/.venv"
 # A fixed path to the wheel's libtorch (include/ + lib/), for tch's torch-sys (LIBTORCH in
 # .cargo/config.toml) and the binaries' rpath (shared/build-support).
 [ -e "$VENV_DIR/libtorch" ] || ln -sfn "$("$PY" -c 'import os, torch; print(os.path.dirname(torch.__file__))')" "$VENV_DIR/libtorch"
+
+# --- 2b. Node packages of the Node client (examples/node) ----------------------------------
+# `npm ci` from the committed package-lock.json into the cache, keyed by the package files and
+# the node version; examples/node/node_modules is a symlink to it.
+NODE_KEY=$({ cat examples/node/package.json examples/node/package-lock.json; node --version; } | key16)
+NODE_DIR="$CACHE/node-$NODE_KEY"
+NODE_STAMP="$NODE_DIR/.asr-setup-complete"
+if [ -f "$NODE_STAMP" ]; then
+    SUMMARY+=("node:   reused  $NODE_DIR")
+else
+    rm -rf "$NODE_DIR"
+    mkdir -p "$NODE_DIR"
+    cp examples/node/package.json examples/node/package-lock.json "$NODE_DIR/"
+    log "npm ci in $NODE_DIR (node $(node --version), npm $(npm --version))"
+    # The packages are plain JavaScript: no install scripts are needed.
+    (cd "$NODE_DIR" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+    { echo "node key: $NODE_KEY"; node --version; date -u +%FT%TZ; } >"$NODE_STAMP"
+    SUMMARY+=("node:   built   $NODE_DIR")
+fi
+# A node_modules installed by hand in the folder gives way to the cached one.
+if [ -d examples/node/node_modules ] && [ ! -L examples/node/node_modules ]; then
+    log "replacing examples/node/node_modules (installed by hand) with the cached one"
+    rm -rf examples/node/node_modules
+fi
+link "$NODE_DIR/node_modules" "$REPO/examples/node/node_modules"
 
 # --- 3. Assets -----------------------------------------------------------------------------
 ASSETS_KEY=$({ cat scripts/data-requirements.txt scripts/make_corpus.py
@@ -154,4 +184,5 @@ log "done in $(( $(date +%s) - T0 )) s"
 for line in "${SUMMARY[@]}"; do log "  $line"; done
 log "  .venv  -> $VENV_DIR"
 log "  assets -> $ASSETS_DIR"
+log "  examples/node/node_modules -> $NODE_DIR/node_modules"
 log "  (source scripts/env.sh to use them)"

@@ -11,20 +11,23 @@ use tonic::server::NamedService;
 use tonic::transport::server::Router;
 use tonic::transport::Server;
 
-/// A server with grpc.health.v1 (reporting `S` as serving) and reflection over the asr.v1 and
-/// health descriptors; add the service itself to it.
+/// A server with grpc.health.v1 (reporting `S` as serving) and reflection (v1 and v1alpha) over
+/// the asr.v1 and health descriptors; add the service itself to it.
 pub async fn router_with_health_and_reflection<S: NamedService>() -> anyhow::Result<Router> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_service_status(S::NAME, tonic_health::ServingStatus::Serving)
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(asr_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(asr_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // v1alpha too: grpcurl speaks both, but grpcio-reflection's client and older tools only it.
     Ok(Server::builder()
         .add_service(health_service)
-        .add_service(reflection))
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?))
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then drains for at most `drain`.
