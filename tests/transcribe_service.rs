@@ -241,6 +241,49 @@ async fn transcripts_equal_in_process_and_concurrent_streams_are_batched() {
         .expect("detect");
     assert_eq!(summary_of(&events).language, detected[0]);
 
+    // With timestamps (the seek-based long-form path) and no language: the detected one is
+    // reported on every segment and in the summary, and the segments are in-process'.
+    let events = transcribe(
+        &mut client,
+        {
+            let mut m = vec![config_message(pb::TranscriptionOptions {
+                timestamps: true,
+                decoding: Some(deterministic()),
+                ..Default::default()
+            })];
+            m.extend(frames_messages(&raw_frames(&clips[1].path), 3000));
+            m
+        },
+        None,
+    )
+    .await
+    .expect("transcribe with timestamps and detection");
+    let frames = raw_frames(&clips[1].path);
+    let long = reference
+        .transcribe_long(
+            &frames,
+            // The service's content frames (see TRAILING_FRAMES in its transcribe.rs).
+            frames.len() / N_MELS - 2,
+            &DecodeOptions::default().without_fallback(),
+        )
+        .expect("in-process long-form");
+    let segments: Vec<&pb::Segment> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Segment(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        segments.iter().map(|s| s.text.as_str()).collect::<Vec<_>>(),
+        long.iter().map(|s| s.text.as_str()).collect::<Vec<_>>()
+    );
+    assert!(!segments.is_empty());
+    for s in &segments {
+        assert_eq!(s.language, detected[0], "segment {s:?}");
+    }
+    assert_eq!(summary_of(&events).language, detected[0]);
+
     // Eight streams at once: every transcript as in-process, and the scheduler batched.
     let before = handle
         .engine()

@@ -240,7 +240,8 @@ fn transcribe_local(args: &TranscribeArgs) -> anyhow::Result<Vec<FileResult>> {
                     no_speech_prob: s.no_speech_prob,
                 })
                 .collect();
-            (options.language.clone(), out)
+            let detected = segments.iter().find_map(|s| s.language.clone());
+            (options.language.clone().or(detected), out)
         } else {
             let windows =
                 asr_audio::windows_from_frames(&frames, model.n_mels(), summary.windows as usize);

@@ -378,6 +378,10 @@ impl Session {
                 self.context.options.adapter.clone(),
             )
             .await?;
+        // Detected on the first window when the request gave none.
+        if self.language.is_none() {
+            self.language = segments.iter().find_map(|s| s.language.clone());
+        }
         let language = self.language.clone().unwrap_or_default();
         for s in segments {
             let segment = pb::Segment {

@@ -31,36 +31,52 @@ ASR_ROW_KERNEL void mark_outliers(const float* row, uint8_t* flags, float limit,
   for (int64_t c = 0; c < k; ++c) flags[c] |= static_cast<uint8_t>(std::fabs(row[c]) > limit);
 }
 
-// max |row[c]| over the columns not flagged. On the bits: a float's magnitude orders as its
-// bits with the sign cleared, and integer max vectorises (a NaN's bits are above infinity's,
-// so a NaN propagates as torch's amax does).
-ASR_ROW_KERNEL float row_absmax(const float* row, const uint8_t* flags, int64_t k) {
-  const uint32_t* bits = reinterpret_cast<const uint32_t*>(row);
+// max |row[c]| over the regular columns. On the bits: a float's magnitude orders as its bits
+// with the sign cleared, and an integer max reduction vectorises where a float one needs
+// fast-math (a NaN's bits are above infinity's, so a NaN propagates as torch's amax does).
+// `keep`: all ones for a regular column, zero for an outlier one.
+ASR_ROW_KERNEL uint32_t masked_absmax_bits(const uint32_t* bits, const uint32_t* keep, int64_t k) {
   uint32_t best = 0;
-  if (flags) {
-    for (int64_t c = 0; c < k; ++c) {
-      const uint32_t m = flags[c] ? 0u : (bits[c] & 0x7fffffffu);
-      best = best > m ? best : m;
-    }
-  } else {
-    for (int64_t c = 0; c < k; ++c) {
-      const uint32_t m = bits[c] & 0x7fffffffu;
-      best = best > m ? best : m;
-    }
-  }
+  for (int64_t c = 0; c < k; ++c) best = std::max(best, bits[c] & keep[c] & 0x7fffffffu);
+  return best;
+}
+
+ASR_ROW_KERNEL uint32_t absmax_bits(const uint32_t* bits, int64_t k) {
+  uint32_t best = 0;
+  for (int64_t c = 0; c < k; ++c) best = std::max(best, bits[c] & 0x7fffffffu);
+  return best;
+}
+
+// `keep` null: no outlier columns.
+float row_absmax(const float* row, const uint32_t* keep, int64_t k) {
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(row);
+  const uint32_t best = keep ? masked_absmax_bits(bits, keep, k) : absmax_bits(bits, k);
   float out;
   std::memcpy(&out, &best, sizeof out);
   return out;
 }
 
-// q[c] = clamp(round_half_even(row[c] / scale), -127, 127), 0 where flagged. |row[c] / scale|
-// is at most 127 (plus rounding) here, so adding and subtracting 1.5 * 2^23 rounds half to
-// even as nearbyint does, in a form that vectorises.
-ASR_ROW_KERNEL void quantize_row(const float* row, const uint8_t* flags, float scale, int8_t* q,
-                                 int64_t k) {
+// q[c] = clamp(round_half_even(row[c] / scale), -127, 127). |row[c] / scale| is at most 127
+// (plus rounding) here, so adding and subtracting 1.5 * 2^23 rounds half to even as nearbyint
+// does, in a form that vectorises.
+ASR_ROW_KERNEL void quantize_row(const float* row, float scale, int8_t* q, int64_t k) {
   const float magic = 12582912.0f;
   for (int64_t c = 0; c < k; ++c) {
-    const float v = (flags && flags[c]) ? 0.0f : row[c];
+    float rounded = (row[c] / scale + magic) - magic;
+    rounded = rounded < -127.0f ? -127.0f : (rounded > 127.0f ? 127.0f : rounded);
+    q[c] = static_cast<int8_t>(rounded);
+  }
+}
+
+// quantize_row with the outlier columns (keep[c] == 0) zeroed: their bits cleared, +0.0.
+ASR_ROW_KERNEL void quantize_masked_row(const float* row, const uint32_t* keep, float scale,
+                                        int8_t* q, int64_t k) {
+  const float magic = 12582912.0f;
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(row);
+  for (int64_t c = 0; c < k; ++c) {
+    const uint32_t kept = bits[c] & keep[c];
+    float v;
+    std::memcpy(&v, &kept, sizeof v);
     float rounded = (v / scale + magic) - magic;
     rounded = rounded < -127.0f ? -127.0f : (rounded > 127.0f ? 127.0f : rounded);
     q[c] = static_cast<int8_t>(rounded);
@@ -130,20 +146,31 @@ Quantized quantize(const at::Tensor& x, double threshold, int64_t groups) {
   float* scales = out.row_scale.data_ptr<float>();
   float* own = out.own.data_ptr<float>();
 
+  // Each sample's columns as bit masks for the row kernels.
+  std::vector<uint32_t> keep;
+  if (any_outlier) {
+    keep.resize(groups * k);
+    for (size_t i = 0; i < keep.size(); ++i) keep[i] = mask[i] ? 0u : 0xffffffffu;
+  }
+
   // Pass 2: per row, the absmax of the regular entries, then the quantised row.
   at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = xs + r * k;
-      const uint8_t* flags = any_outlier ? mask.data() + (r / rows_per_group) * k : nullptr;
-      const float scale = std::max(row_absmax(row, flags, k) / 127.0f, 1e-12f);
+      const int64_t group = r / rows_per_group;
+      const uint32_t* row_keep = any_outlier ? keep.data() + group * k : nullptr;
+      const float scale = std::max(row_absmax(row, row_keep, k) / 127.0f, 1e-12f);
       scales[r] = scale;
-      quantize_row(row, flags, scale, q + r * k, k);
-      if (flags) {
+      if (row_keep) {
+        quantize_masked_row(row, row_keep, scale, q + r * k, k);
+        const uint8_t* flags = mask.data() + group * k;
         float* own_row = own + r * n_cols;
         for (int64_t j = 0; j < n_cols; ++j) {
           const int64_t c = union_columns[j];
           if (flags[c]) own_row[j] = row[c];
         }
+      } else {
+        quantize_row(row, scale, q + r * k, k);
       }
     }
   });

@@ -22,6 +22,8 @@ pub struct Segment {
     /// Of the window the segment was decoded in.
     pub avg_logprob: f64,
     pub no_speech_prob: Option<f64>,
+    /// The language the window was decoded in: given, or detected on the first window.
+    pub language: Option<String>,
 }
 
 impl LoadedModel {
@@ -89,6 +91,7 @@ impl LoadedModel {
                     window_index,
                     avg_logprob: transcript.avg_logprob,
                     no_speech_prob: transcript.no_speech_prob,
+                    language: language.clone(),
                 });
             }
             // Where the next window starts, and the tokens it consumed (context for the next).
