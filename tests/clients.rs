@@ -2,7 +2,7 @@
 //! them, against the real services on 127.0.0.1 with whisper-base:
 //! - the Python client (stubs generated from proto/ by grpcio-tools) and the Node client
 //!   (@grpc/grpc-js, proto/ loaded at run time) transcribe each clip to exactly the text the
-//!   Rust client gets, also paced at real time with partial results, and read the
+//!   Rust client and the `asr` CLI get, also paced at real time with partial results, and read the
 //!   `google.rpc.BadRequest` field of an INVALID_ARGUMENT;
 //! - the Python trainer ingests a manifest through the feature service, starts a job on the
 //!   model service it asks the feature service for, and follows it to the end;
@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use asr_proto::v1 as pb;
 use e2e_support::whisper_base::{model_dir, test_clips};
-use e2e_support::{assets, python, repo_root, start_feature_service, start_model_service};
+use e2e_support::{
+    asr_cli, assets, python, repo_root, start_feature_service, start_model_service,
+};
 use feature_service::FeatureServiceConfig;
 use model_service::ModelServiceConfig;
 use pb::feature_service_client::FeatureServiceClient;
@@ -222,6 +224,28 @@ async fn python_and_node_clients_transcribe_as_the_rust_client() {
             "--no-fallback",
             "--json",
         ];
+        // The Rust CLI, with its flags for the same decoding (one temperature: no fallback).
+        let mut cli = tokio::process::Command::new(asr_cli());
+        cli.args(["transcribe", "--server", &server, path, "--language", "zh"])
+            .args(["--temperature", "0", "--compression-ratio-threshold", "-1"])
+            .args(["--logprob-threshold", "-1e30", "--no-speech-threshold", "1"])
+            .args(["--format", "json"]);
+        let cli = run(cli, "asr transcribe --server").await;
+        assert!(
+            cli.status.success(),
+            "asr transcribe --server failed: {}",
+            String::from_utf8_lossy(&cli.stderr)
+        );
+        let cli: Value = serde_json::from_slice(&cli.stdout).expect("asr --format json");
+        let cli_segments = cli["segments"].as_array().expect("segments");
+        assert_eq!(
+            cli_segments
+                .iter()
+                .map(|s| s["text"].as_str().unwrap_or_default())
+                .collect::<Vec<_>>(),
+            segments.iter().map(|s| s.text.as_str()).collect::<Vec<_>>(),
+            "{path}: the Rust CLI's segments differ from the Rust client's"
+        );
         let py = json_of(
             &python_example("transcribe.py", &args).await,
             "transcribe.py",
@@ -229,7 +253,10 @@ async fn python_and_node_clients_transcribe_as_the_rust_client() {
         assert_same(&py, &segments, &format!("python, {path}"));
         let js = json_of(&node_example(&args).await, "transcribe.js");
         assert_same(&js, &segments, &format!("node, {path}"));
-        println!("{path}: {:?} (rust = python = node)", text_of(&segments));
+        println!(
+            "{path}: {:?} (rust client = asr CLI = python = node)",
+            text_of(&segments)
+        );
     }
 
     // Live-paced with partial results (a re-decode queued every 0.5 s of audio): partials

@@ -53,6 +53,30 @@ pub fn python() -> PathBuf {
     python
 }
 
+/// The `asr` CLI binary, built by cargo (or found up to date) once per test process: the
+/// e2e tests run it as a user would. Cargo sets `CARGO` for the tests it runs.
+pub fn asr_cli() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let output = Command::new(cargo)
+            .current_dir(repo_root())
+            .args(["build", "--locked", "-q", "-p", "asr", "--bin", "asr"])
+            .arg("--message-format=json")
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running cargo build -p asr");
+        assert!(output.status.success(), "cargo build -p asr failed");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "asr")
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .expect("cargo reported no asr executable")
+    })
+    .clone()
+}
+
 /// Runs `tests/reference/<script>` with [`python`]; panics with its stderr on failure.
 pub fn run_reference(script: &str, args: &[&str], stdin: Option<&str>) -> String {
     let mut child = Command::new(python())
