@@ -4,6 +4,11 @@
 // several times the int8 GEMM itself at Whisper's shapes; here they are two passes in and one
 // out. The arithmetic is the ATen path's, operation for operation (float division by the row
 // scale, round half to even, clamp to +-127), so both give the same bits (linear.rs tests it).
+//
+// Threads: this file is compiled without -fopenmp (linking a second OpenMP runtime beside
+// libtorch's is not worth the risk), so ATen's inline `at::parallel_for` runs the passes on
+// the calling thread. They read and write each element once or twice; the GEMM beside them
+// runs on libtorch's threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
