@@ -14,9 +14,7 @@ use std::time::Duration;
 
 use asr_proto::v1 as pb;
 use e2e_support::whisper_base::{model_dir, test_clips};
-use e2e_support::{
-    asr_cli, assets, python, repo_root, start_feature_service, start_model_service,
-};
+use e2e_support::{asr_cli, assets, python, repo_root, start_feature_service, start_model_service};
 use feature_service::FeatureServiceConfig;
 use model_service::ModelServiceConfig;
 use pb::feature_service_client::FeatureServiceClient;

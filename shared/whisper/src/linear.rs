@@ -224,8 +224,15 @@ impl Int8Weight {
         // heap tensors in `out`, each then owned by one `Tensor`.
         let [xq, row_scale, columns, own] = unsafe {
             let [a, b, c, d] = &mut out;
-            if asr_int8_quantize(x.as_ptr() as *mut _, self.outlier_threshold, groups, a, b, c, d)
-                != 0
+            if asr_int8_quantize(
+                x.as_ptr() as *mut _,
+                self.outlier_threshold,
+                groups,
+                a,
+                b,
+                c,
+                d,
+            ) != 0
             {
                 return None;
             }
@@ -691,7 +698,9 @@ mod tests {
         let _ = x.get(1).get(5).fill_(30.0);
         let _ = x.get(7).get(60).fill_(-9.5);
         let _ = x.get(4).fill_(0.0);
-        let _ = x.get(9).copy_(&(Tensor::arange(80, (Kind::Float, Device::Cpu)) * 0.5 - 20.0));
+        let _ = x
+            .get(9)
+            .copy_(&(Tensor::arange(80, (Kind::Float, Device::Cpu)) * 0.5 - 20.0));
         for threshold in [6.0, 0.0, 100.0] {
             let q = Int8Weight::quantize(&w, threshold);
             for groups in [1, 2, 3, 12] {
