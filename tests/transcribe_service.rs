@@ -279,8 +279,11 @@ async fn transcripts_equal_in_process_and_concurrent_streams_are_batched() {
         long.iter().map(|s| s.text.as_str()).collect::<Vec<_>>()
     );
     assert!(!segments.is_empty());
-    for s in &segments {
+    for (s, expected) in segments.iter().zip(&long) {
         assert_eq!(s.language, detected[0], "segment {s:?}");
+        let tokens: Vec<i64> = s.token_ids.iter().map(|&t| i64::from(t)).collect();
+        assert_eq!(tokens, expected.tokens, "segment {s:?}");
+        assert!(!tokens.is_empty());
     }
     assert_eq!(summary_of(&events).language, detected[0]);
 

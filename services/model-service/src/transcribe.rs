@@ -389,6 +389,7 @@ impl Session {
                 start_seconds: s.start,
                 end_seconds: s.end.max(s.start),
                 text: s.text.trim().to_string(),
+                token_ids: s.tokens.iter().map(|&t| t as u32).collect(),
                 avg_logprob: s.avg_logprob as f32,
                 no_speech_prob: s.no_speech_prob.unwrap_or(0.0) as f32,
                 compression_ratio: asr_whisper::fallback::compression_ratio(&s.text) as f32,

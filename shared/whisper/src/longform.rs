@@ -18,6 +18,8 @@ pub struct Segment {
     pub start: f64,
     pub end: f64,
     pub text: String,
+    /// The text's tokens (no timestamp or special tokens).
+    pub tokens: Vec<i64>,
     pub window_index: usize,
     /// Of the window the segment was decoded in.
     pub avg_logprob: f64,
@@ -88,6 +90,7 @@ impl LoadedModel {
                     start: offset + piece.start,
                     end: offset + piece.end.min(window_seconds),
                     text: text.trim().to_string(),
+                    tokens: piece.tokens.clone(),
                     window_index,
                     avg_logprob: transcript.avg_logprob,
                     no_speech_prob: transcript.no_speech_prob,
