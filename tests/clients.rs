@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use asr_proto::v1 as pb;
 use e2e_support::whisper_base::{model_dir, test_clips};
-use e2e_support::{asr_cli, assets, python, repo_root, start_feature_service, start_model_service};
+use e2e_support::{
+    asr_cli, assets, deterministic_decoding, python, repo_root, start_feature_service,
+    start_model_service,
+};
 use feature_service::FeatureServiceConfig;
 use model_service::ModelServiceConfig;
 use pb::feature_service_client::FeatureServiceClient;
@@ -121,14 +124,7 @@ fn model_config(data_root: &std::path::Path) -> ModelServiceConfig {
 fn zh_no_fallback() -> pb::TranscriptionOptions {
     pb::TranscriptionOptions {
         language: "zh".into(),
-        decoding: Some(pb::DecodingOptions {
-            temperature: Some(0.0),
-            temperature_increment: Some(0.0),
-            compression_ratio_threshold: Some(0.0),
-            log_prob_threshold: Some(f32::NEG_INFINITY),
-            no_speech_threshold: Some(1.0),
-            ..Default::default()
-        }),
+        decoding: Some(deterministic_decoding()),
         ..Default::default()
     }
 }
@@ -280,45 +276,31 @@ async fn python_and_node_clients_transcribe_as_the_rust_client() {
         "0.5",
         "--json",
     ];
-    let started = std::time::Instant::now();
     let long_path = long.to_str().expect("utf-8 path");
-    let py = json_of(
-        &python_example("transcribe.py", &[&[long_path][..], &paced].concat()).await,
-        "transcribe.py --realtime",
-    );
-    assert!(
-        started.elapsed() >= Duration::from_secs(7),
-        "8.3 s of audio sent in {:?}: not paced",
-        started.elapsed()
-    );
-    assert_same(&py, &long_expected, "python --realtime");
-    assert!(
-        py["partial_count"].as_u64().unwrap_or(0) >= 1,
-        "python --realtime: no partial results: {py}"
-    );
-    println!(
-        "python --realtime: {} partial results, last stable {}",
-        py["partial_count"], py["last_stable_text"]
-    );
-    let started = std::time::Instant::now();
-    let js = json_of(
-        &node_example(&[&[long_path][..], &paced].concat()).await,
-        "transcribe.js --realtime",
-    );
-    assert!(
-        started.elapsed() >= Duration::from_secs(7),
-        "8.3 s of audio sent in {:?}: not paced",
-        started.elapsed()
-    );
-    assert_same(&js, &long_expected, "node --realtime");
-    assert!(
-        js["partial_count"].as_u64().unwrap_or(0) >= 1,
-        "node --realtime: no partial results: {js}"
-    );
-    println!(
-        "node --realtime: {} partial results, last stable {}",
-        js["partial_count"], js["last_stable_text"]
-    );
+    let paced_args = [&[long_path][..], &paced].concat();
+    for client in ["python", "node"] {
+        let what = format!("{client} --realtime");
+        let started = std::time::Instant::now();
+        let output = match client {
+            "python" => python_example("transcribe.py", &paced_args).await,
+            _ => node_example(&paced_args).await,
+        };
+        let result = json_of(&output, &what);
+        assert!(
+            started.elapsed() >= Duration::from_secs(7),
+            "{what}: 8.3 s of audio sent in {:?}: not paced",
+            started.elapsed()
+        );
+        assert_same(&result, &long_expected, &what);
+        assert!(
+            result["partial_count"].as_u64().unwrap_or(0) >= 1,
+            "{what}: no partial results: {result}"
+        );
+        println!(
+            "{what}: {} partial results, last stable {}",
+            result["partial_count"], result["last_stable_text"]
+        );
+    }
 
     // INVALID_ARGUMENT: both clients read the field from the google.rpc.BadRequest detail.
     let clip = clips[0].to_str().expect("utf-8 path");
@@ -443,9 +425,7 @@ async fn reflection_client_lists_and_describes_both_services() {
     let data_root = tempfile::tempdir().expect("tempdir");
     let (model, _handle) = start_model_service(ModelServiceConfig {
         model: None,
-        data_root: data_root.path().to_path_buf(),
-        device: "cpu".into(),
-        ..Default::default()
+        ..model_config(data_root.path())
     })
     .await;
     let features = start_feature_service(FeatureServiceConfig {

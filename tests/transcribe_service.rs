@@ -9,7 +9,7 @@ use asr_audio::InputFormat;
 use asr_proto::v1 as pb;
 use asr_whisper::{Adapter, DecodeOptions, LoraConfig, Precision};
 use e2e_support::whisper_base::{load, model_dir, test_clips};
-use e2e_support::{assets, our_windows, start_model_service};
+use e2e_support::{assets, deterministic_decoding, our_windows, start_model_service};
 use model_service::ModelServiceConfig;
 use pb::model_service_client::ModelServiceClient;
 use pb::transcribe_frames_request::Payload;
@@ -78,17 +78,7 @@ fn frames_messages(frames: &[f32], per_message: usize) -> Vec<pb::TranscribeFram
 fn zh() -> pb::TranscriptionOptions {
     pb::TranscriptionOptions {
         language: "zh".into(),
-        decoding: Some(deterministic()),
-        ..Default::default()
-    }
-}
-
-fn deterministic() -> pb::DecodingOptions {
-    pb::DecodingOptions {
-        temperature_increment: Some(0.0),
-        compression_ratio_threshold: Some(0.0),
-        log_prob_threshold: Some(f32::NEG_INFINITY),
-        no_speech_threshold: Some(1.0),
+        decoding: Some(deterministic_decoding()),
         ..Default::default()
     }
 }
@@ -217,7 +207,7 @@ async fn transcripts_equal_in_process_and_concurrent_streams_are_batched() {
         &mut client,
         {
             let mut m = vec![config_message(pb::TranscriptionOptions {
-                decoding: Some(deterministic()),
+                decoding: Some(deterministic_decoding()),
                 ..Default::default()
             })];
             m.extend(frames_messages(&raw_frames(&clips[1].path), 3000));
@@ -248,7 +238,7 @@ async fn transcripts_equal_in_process_and_concurrent_streams_are_batched() {
         {
             let mut m = vec![config_message(pb::TranscriptionOptions {
                 timestamps: true,
-                decoding: Some(deterministic()),
+                decoding: Some(deterministic_decoding()),
                 ..Default::default()
             })];
             m.extend(frames_messages(&raw_frames(&clips[1].path), 3000));

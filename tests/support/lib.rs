@@ -53,6 +53,18 @@ pub fn python() -> PathBuf {
     python
 }
 
+/// Decoding options for comparing runs: one greedy decode per window at temperature 0, no
+/// fallback (sampled fallbacks are random) and no thresholds (no window dropped as silence).
+pub fn deterministic_decoding() -> asr_proto::v1::DecodingOptions {
+    asr_proto::v1::DecodingOptions {
+        temperature_increment: Some(0.0),
+        compression_ratio_threshold: Some(0.0),
+        log_prob_threshold: Some(f32::NEG_INFINITY),
+        no_speech_threshold: Some(1.0),
+        ..Default::default()
+    }
+}
+
 /// The `asr` CLI binary, built by cargo (or found up to date) once per test process: the
 /// e2e tests run it as a user would. Cargo sets `CARGO` for the tests it runs.
 pub fn asr_cli() -> PathBuf {
