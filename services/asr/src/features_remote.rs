@@ -16,9 +16,10 @@ use crate::features::{FeaturesArgs, FileFeatures, RawFormat};
 const REQUEST_BUFFER: usize = 8;
 
 pub async fn extract_remote(addr: &str, args: &FeaturesArgs) -> anyhow::Result<FileFeatures> {
-    let mut client = FeatureServiceClient::connect(addr.to_string())
+    let mut client = crate::net::connect(addr)
         .await
-        .with_context(|| format!("connecting to the feature service at {addr}"))?
+        .map(FeatureServiceClient::new)
+        .with_context(|| format!("the feature service at {addr}"))?
         .max_decoding_message_size(64 * 1024 * 1024);
     let config = pb::ExtractConfig {
         format: Some(audio_format(args)),

@@ -5,6 +5,7 @@ mod bench;
 mod convert;
 mod features;
 mod features_remote;
+mod net;
 mod process;
 mod remote;
 mod status;
@@ -25,6 +26,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    connection: net::ConnectionArgs,
 }
 
 #[derive(Subcommand)]
@@ -101,6 +104,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    net::init(&cli.connection)?;
     match cli.command {
         Command::Features(args) => features::run(args),
         Command::Transcribe(args) => transcribe::run(args),

@@ -7,11 +7,11 @@ use anyhow::Context;
 use asr_audio::pipeline::extract_all;
 use asr_audio::{FeaturePipeline, InputFormat, MelConfig, PipelineConfig};
 use asr_proto::v1 as pb;
+use asr_runtime::AuthChannel;
 use asr_whisper::dataset::read_dataset;
 use clap::{Args, Subcommand};
 use pb::model_service_client::ModelServiceClient;
 use pb::training_event::Event;
-use tonic::transport::{Channel, Endpoint};
 
 /// Largest message sent or received (an example's features are about 1 MB).
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -36,8 +36,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// The model service the feature service relays to.
 async fn model_service_of_feature_service() -> anyhow::Result<String> {
     let server = std::env::var("ASR_SERVER").unwrap_or_else(|_| DEFAULT_FEATURE_SERVER.into());
-    let mut client = pb::feature_service_client::FeatureServiceClient::connect(server.clone())
+    let mut client = crate::net::connect(&server)
         .await
+        .map(pb::feature_service_client::FeatureServiceClient::new)
         .with_context(|| {
             format!("no --model-service given, and the feature service at {server} (ASR_SERVER) cannot be reached to ask")
         })?;
@@ -50,17 +51,15 @@ async fn model_service_of_feature_service() -> anyhow::Result<String> {
 }
 
 /// A client of the model service at `url` (empty: ask the feature service).
-pub async fn connect(url: &str) -> anyhow::Result<ModelServiceClient<Channel>> {
+pub async fn connect(url: &str) -> anyhow::Result<ModelServiceClient<AuthChannel>> {
     let url = if url.is_empty() {
         model_service_of_feature_service().await?
     } else {
         url.to_string()
     };
-    let channel = Endpoint::from_shared(url.clone())
-        .with_context(|| format!("--model-service {url:?} is not a valid URL"))?
-        .connect()
+    let channel = crate::net::connect(&url)
         .await
-        .with_context(|| format!("connecting to the model service at {url}"))?;
+        .with_context(|| format!("--model-service: the model service at {url}"))?;
     Ok(ModelServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -160,7 +159,7 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     /// The outer error is this side's (a file that cannot be read), the inner one the
     /// service's status.
     async fn ingest_stream(
-        client: &mut FeatureServiceClient<Channel>,
+        client: &mut FeatureServiceClient<AuthChannel>,
         config: pb::IngestAudioConfig,
         entries: Vec<Entry>,
         root: PathBuf,
@@ -217,7 +216,7 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     /// ingestion per dataset at a time and refuses the others with FAILED_PRECONDITION before
     /// storing anything: retried while another share is running, then once more.
     async fn send_share(
-        mut client: FeatureServiceClient<Channel>,
+        mut client: FeatureServiceClient<AuthChannel>,
         url: String,
         config: pb::IngestAudioConfig,
         entries: Vec<Entry>,
@@ -255,11 +254,9 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     ) -> anyhow::Result<()> {
         let mut clients = Vec::new();
         for url in &urls {
-            let channel = Endpoint::from_shared(url.clone())
-                .with_context(|| format!("--features {url:?} is not a valid URL"))?
-                .connect()
+            let channel = crate::net::connect(url)
                 .await
-                .with_context(|| format!("connecting to the feature service at {url}"))?;
+                .with_context(|| format!("--features: the feature service at {url}"))?;
             clients.push(
                 FeatureServiceClient::new(channel)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -556,7 +553,7 @@ pub fn jobs(command: JobsCommand) -> anyhow::Result<()> {
     })
 }
 
-pub async fn watch(client: &mut ModelServiceClient<Channel>, id: &str) -> anyhow::Result<()> {
+pub async fn watch(client: &mut ModelServiceClient<AuthChannel>, id: &str) -> anyhow::Result<()> {
     let mut stream = client
         .watch_training(pb::WatchTrainingRequest {
             job_id: id.to_string(),

@@ -2,8 +2,8 @@
 
 use anyhow::Context;
 use asr_proto::v1 as pb;
+use asr_runtime::AuthChannel;
 use clap::Args;
-use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -68,15 +68,11 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect(address: &str) -> anyhow::Result<Channel> {
-    Channel::from_shared(address.to_string())
-        .with_context(|| format!("invalid address {address}"))?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {address}"))
+async fn connect(address: &str) -> anyhow::Result<AuthChannel> {
+    crate::net::connect(address).await
 }
 
-async fn serving(channel: &Channel, service: &str) -> anyhow::Result<ServingStatus> {
+async fn serving(channel: &AuthChannel, service: &str) -> anyhow::Result<ServingStatus> {
     let response = HealthClient::new(channel.clone())
         .check(HealthCheckRequest {
             service: service.into(),

@@ -11,12 +11,12 @@ use anyhow::Context;
 use asr_audio::decode::EncodedDecoder;
 use asr_audio::Container;
 use asr_proto::v1 as pb;
+use asr_runtime::AuthChannel;
 use pb::feature_service_client::FeatureServiceClient;
 use pb::transcribe_audio_request::Payload;
 use pb::transcribe_response::Event;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::transcribe::{FileResult, SegmentOut, TaskArg, TranscribeArgs};
 
@@ -35,11 +35,9 @@ pub fn run(args: &TranscribeArgs) -> anyhow::Result<Vec<FileResult>> {
         .enable_all()
         .build()?;
     let results = runtime.block_on(async {
-        let channel = Endpoint::from_shared(args.server.clone())
-            .with_context(|| format!("--server {:?} is not a valid URL", args.server))?
-            .connect()
+        let channel = crate::net::connect(&args.server)
             .await
-            .with_context(|| format!("connecting to the feature service at {}", args.server))?;
+            .with_context(|| format!("--server: the feature service at {}", args.server))?;
         let mut results = Vec::new();
         for file in &args.files {
             let span = tracing::info_span!("asr transcribe", file = %display_name(file));
@@ -110,7 +108,7 @@ pub fn options(args: &TranscribeArgs) -> pb::TranscriptionOptions {
 }
 
 async fn transcribe_one(
-    channel: Channel,
+    channel: AuthChannel,
     file: &Path,
     args: &TranscribeArgs,
 ) -> anyhow::Result<FileResult> {

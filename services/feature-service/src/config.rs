@@ -1,5 +1,7 @@
 //! Limits and defaults of a feature service replica.
 
+use std::path::PathBuf;
+
 use clap::Args;
 
 /// Limits and defaults; every field is a flag with an environment variable.
@@ -38,6 +40,33 @@ pub struct FeatureServiceConfig {
     /// backoff) before it fails with UNAVAILABLE, in seconds; 0 = one attempt.
     #[arg(long, env = "ASR_MODEL_SERVICE_RETRY_SECONDS", default_value_t = 3.0)]
     pub model_service_retry_seconds: f64,
+    /// PEM CA certificates to verify an https:// model service with; unset: the system's
+    /// roots.
+    #[arg(long, env = "ASR_MODEL_SERVICE_TLS_CA")]
+    pub model_service_tls_ca: Option<PathBuf>,
+    /// PEM client certificate for a model service that asks for one (mutual TLS).
+    #[arg(
+        long,
+        env = "ASR_MODEL_SERVICE_TLS_CERT",
+        requires = "model_service_tls_key"
+    )]
+    pub model_service_tls_cert: Option<PathBuf>,
+    /// PEM key of --model-service-tls-cert.
+    #[arg(
+        long,
+        env = "ASR_MODEL_SERVICE_TLS_KEY",
+        requires = "model_service_tls_cert"
+    )]
+    pub model_service_tls_key: Option<PathBuf>,
+    /// File holding the bearer token this service presents to the model service (it needs
+    /// the transcribe and train scopes there). The token can also come in
+    /// ASR_MODEL_SERVICE_TOKEN.
+    #[arg(long, env = "ASR_MODEL_SERVICE_TOKEN_FILE")]
+    pub model_service_token_file: Option<PathBuf>,
+    #[arg(skip = std::env::var("ASR_MODEL_SERVICE_TOKEN").ok())]
+    pub model_service_token: Option<String>,
+    #[command(flatten)]
+    pub security: asr_runtime::ServerSecurityArgs,
 }
 
 impl Default for FeatureServiceConfig {
@@ -52,6 +81,12 @@ impl Default for FeatureServiceConfig {
             metrics_listen: None,
             model_service_connect_seconds: 5.0,
             model_service_retry_seconds: 3.0,
+            model_service_tls_ca: None,
+            model_service_tls_cert: None,
+            model_service_tls_key: None,
+            model_service_token_file: None,
+            model_service_token: None,
+            security: Default::default(),
         }
     }
 }

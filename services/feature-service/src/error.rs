@@ -36,6 +36,14 @@ pub enum FeatureError {
     /// The model service reports a mel count the feature path cannot compute.
     #[error("the model service at {address} reports n_mels={n_mels}; the feature path computes 80 or 128")]
     UnsupportedModelMels { address: String, n_mels: u32 },
+    /// The model service refused this service's own credentials: not the client's fault, so
+    /// not relayed as UNAUTHENTICATED / PERMISSION_DENIED (which would send the client
+    /// looking at its token).
+    #[error(
+        "the model service at {address} refused this feature service's credentials \
+         (--model-service-token-file, --model-service-tls-*): {reason}"
+    )]
+    ModelServiceRefusedCredentials { address: String, reason: String },
     /// A status the model service sent: relayed unchanged (code, message, details).
     #[error("{}", .0.message())]
     ModelService(Status),
@@ -74,6 +82,7 @@ impl From<FeatureError> for Status {
                 Status::failed_precondition(message)
             }
             FeatureError::ModelServiceUnavailable { .. } => Status::unavailable(message),
+            FeatureError::ModelServiceRefusedCredentials { .. } => Status::internal(message),
             // The model service's BadRequest field paths (`config.options.*`) are those of
             // this request too: TranscribeAudioConfig.options sits where
             // TranscribeFramesConfig.options does.

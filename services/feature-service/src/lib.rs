@@ -2,6 +2,7 @@
 //! streams Whisper log-mel frames back as soon as each is complete. Stateless: replicas can
 //! run side by side behind one address.
 //!
+//! - [`access`]: the scope each method needs when bearer tokens are checked;
 //! - [`config`]: limits and defaults, validated once at start-up;
 //! - [`convert`]: proto messages to typed requests, with errors naming the field;
 //! - [`error`]: this layer's error enum and its one mapping to `tonic::Status`;
@@ -15,6 +16,7 @@
 //! - `asr_runtime::trace_context`: OpenTelemetry context in and out of gRPC metadata;
 //! - [`server`]: the tonic server with health and reflection.
 
+pub mod access;
 pub mod config;
 pub mod convert;
 pub mod error;

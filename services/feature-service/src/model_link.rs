@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use asr_proto::v1 as pb;
+use asr_runtime::{AuthChannel, ClientSecurity, ClientSecurityConfig};
 use futures::Stream;
 use pb::model_service_client::ModelServiceClient;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status, Streaming};
 
 use crate::config::FeatureServiceConfig;
@@ -30,7 +30,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct ModelLink {
     address: Arc<str>,
-    channel: Channel,
+    channel: AuthChannel,
     /// The model's mel count, asked once per connection: forgotten when the model service
     /// becomes unavailable (it may come back with another model).
     n_mels: Arc<Mutex<Option<u32>>>,
@@ -44,8 +44,18 @@ impl ModelLink {
     /// first call. Must run inside a Tokio runtime (the channel spawns its worker).
     pub fn new(address: &str, config: &FeatureServiceConfig) -> anyhow::Result<Self> {
         let connect_timeout = Duration::from_secs_f64(config.model_service_connect_seconds);
-        let endpoint = Endpoint::from_shared(address.to_string())
-            .with_context(|| format!("--model-service {address:?} is not a valid URL"))?
+        let security = ClientSecurity::new(&ClientSecurityConfig {
+            tls_ca: config.model_service_tls_ca.clone(),
+            tls_cert: config.model_service_tls_cert.clone(),
+            tls_key: config.model_service_tls_key.clone(),
+            tls_domain: None,
+            token_file: config.model_service_token_file.clone(),
+            token: config.model_service_token.clone(),
+        })
+        .context("the model service's TLS and token settings")?;
+        let endpoint = security
+            .endpoint(address)
+            .context("--model-service")?
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
             .tcp_keepalive(Some(Duration::from_secs(30)))
@@ -53,7 +63,7 @@ impl ModelLink {
             .keep_alive_timeout(Duration::from_secs(10));
         Ok(Self {
             address: address.into(),
-            channel: endpoint.connect_lazy(),
+            channel: security.authorize(endpoint.connect_lazy()),
             n_mels: Arc::default(),
             call_timeout: connect_timeout,
             retry: Duration::from_secs_f64(config.model_service_retry_seconds),
@@ -65,7 +75,7 @@ impl ModelLink {
         &self.address
     }
 
-    fn client(&self) -> ModelServiceClient<Channel> {
+    fn client(&self) -> ModelServiceClient<AuthChannel> {
         ModelServiceClient::new(self.channel.clone())
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes)
@@ -194,6 +204,15 @@ impl ModelLink {
             FeatureError::ModelServiceUnavailable {
                 address: self.address.to_string(),
                 reason: describe(&status),
+            }
+        } else if matches!(
+            status.code(),
+            Code::Unauthenticated | Code::PermissionDenied
+        ) {
+            tracing::error!(address = %self.address, reason = status.message(), "the model service refused this service's credentials");
+            FeatureError::ModelServiceRefusedCredentials {
+                address: self.address.to_string(),
+                reason: status.message().to_string(),
             }
         } else {
             FeatureError::ModelService(status)

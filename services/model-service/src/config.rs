@@ -64,6 +64,8 @@ pub struct ModelServiceConfig {
     /// Longest audio per Transcribe stream, in seconds.
     #[arg(long, env = "ASR_MAX_AUDIO_SECONDS", default_value_t = 4.0 * 3600.0)]
     pub max_audio_seconds: f64,
+    #[command(flatten)]
+    pub security: asr_runtime::ServerSecurityArgs,
 }
 
 impl Default for ModelServiceConfig {
@@ -83,6 +85,7 @@ impl Default for ModelServiceConfig {
             metrics_listen: None,
             max_audio_seconds: 4.0 * 3600.0,
             drain_seconds: 30.0,
+            security: Default::default(),
         }
     }
 }

@@ -7,8 +7,9 @@
 //!   store and IngestExamples;
 //! - [`training`]: LoRA training jobs (validated, persisted, resumed after a restart);
 //! - [`store`]: atomic writes and listing shared by the on-disk stores;
-//! - [`server`]: the gRPC surface.
+//! - [`server`]: the gRPC surface; [`access`]: the scope each method needs.
 
+pub mod access;
 pub mod config;
 pub mod datasets;
 pub mod device;

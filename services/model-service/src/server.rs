@@ -901,9 +901,11 @@ pub async fn serve_server(
             Arc::new(move |_| sampler.sample_gauges()),
         ));
     }
-    let router =
-        asr_runtime::router_with_health_and_reflection::<ModelServiceServer<ModelServer>>()
-            .await?
-            .add_service(server.into_service());
+    let router = asr_runtime::router_with_health_and_reflection::<ModelServiceServer<ModelServer>>(
+        &server.config.security,
+        crate::access::policy(),
+    )
+    .await?
+    .add_service(server.into_service());
     asr_runtime::serve(router, listener, grace, shutdown).await
 }

@@ -1,5 +1,6 @@
 //! Running a gRPC server the way every service here does: grpc.health.v1 and reflection
-//! beside the service, stopped by a signal, with a deadline on draining.
+//! beside the service, TLS and bearer tokens when configured, stopped by a signal, with a
+//! deadline on draining.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,10 +11,34 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
 use tonic::transport::server::Router;
 use tonic::transport::Server;
+use tower::layer::util::{Identity, Stack};
+
+use crate::auth::{AccessPolicy, AuthLayer, Authenticator};
+use crate::security::ServerSecurityArgs;
+
+/// The router every service serves: its calls pass the [`AuthLayer`] first.
+pub type ServiceRouter = Router<Stack<AuthLayer, Identity>>;
 
 /// A server with grpc.health.v1 (reporting `S` as serving) and reflection (v1 and v1alpha) over
-/// the asr.v1 and health descriptors; add the service itself to it.
-pub async fn router_with_health_and_reflection<S: NamedService>() -> anyhow::Result<Router> {
+/// the asr.v1 and health descriptors, serving TLS and checking tokens against `policy` as
+/// `security` says; add the service itself to it.
+pub async fn router_with_health_and_reflection<S: NamedService>(
+    security: &ServerSecurityArgs,
+    policy: AccessPolicy,
+) -> anyhow::Result<ServiceRouter> {
+    let mut builder = Server::builder();
+    if let Some(tls) = security.tls()? {
+        builder = builder.tls_config(tls)?;
+        tracing::info!(mutual = security.tls_client_ca.is_some(), "serving TLS");
+    }
+    let authenticator = security
+        .tokens()?
+        .map(|tokens| Authenticator::new(tokens, policy));
+    match &authenticator {
+        Some(authenticator) => tracing::info!(?authenticator, "bearer tokens required"),
+        None => tracing::warn!("no --auth-tokens: every caller may use every method"),
+    }
+    let mut builder = builder.layer(AuthLayer::new(authenticator));
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_service_status(S::NAME, tonic_health::ServingStatus::Serving)
@@ -24,7 +49,7 @@ pub async fn router_with_health_and_reflection<S: NamedService>() -> anyhow::Res
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     // v1alpha too: grpcurl speaks both, but grpcio-reflection's client and older tools only it.
-    Ok(Server::builder()
+    Ok(builder
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?))
@@ -32,7 +57,7 @@ pub async fn router_with_health_and_reflection<S: NamedService>() -> anyhow::Res
 
 /// Serves `router` on `listener` until `shutdown` completes, then drains for at most `drain`.
 pub async fn serve(
-    router: Router,
+    router: ServiceRouter,
     listener: TcpListener,
     drain: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
