@@ -119,13 +119,20 @@ impl AccessPolicy {
         let Some((package, name)) = service.rsplit_once('.') else {
             return vec![format!("<{service} is not a full service name>")];
         };
-        set.file
+        let paths: Vec<String> = set
+            .file
             .iter()
             .filter(|file| file.package() == package)
             .flat_map(|file| &file.service)
             .filter(|found| found.name() == name)
             .flat_map(|found| &found.method)
             .map(|method| format!("/{service}/{}", method.name()))
+            .collect();
+        if paths.is_empty() {
+            return vec![format!("<{service} has no methods in the asr.v1 descriptors>")];
+        }
+        paths
+            .into_iter()
             .filter(|path| !self.methods.contains_key(path))
             .collect()
     }
