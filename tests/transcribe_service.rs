@@ -562,8 +562,14 @@ fn random_adapter(dir: &Path) -> Adapter {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn per_request_adapters_change_only_their_streams() {
     let data_root = tempfile::tempdir().expect("tempdir");
-    let source = tempfile::tempdir().expect("tempdir");
-    let adapter = random_adapter(source.path());
+    // LoadAdapter imports only from the service's import root (<data root>/imports).
+    let source = data_root.path().join("imports/random-peft");
+    std::fs::create_dir_all(&source).expect("import dir");
+    let adapter = random_adapter(&source);
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    random_adapter(elsewhere.path());
+    std::os::unix::fs::symlink(elsewhere.path(), data_root.path().join("imports/link-out"))
+        .expect("symlink");
     // fp32 here (int8 is the concurrency test's): adapter routing checked text for text.
     let (server, _handle) = start_model_service(ModelServiceConfig {
         precision: model_service::Precision::Fp32,
@@ -591,15 +597,36 @@ async fn per_request_adapters_change_only_their_streams() {
     let status = client
         .load_adapter(pb::LoadAdapterRequest {
             name: "../evil".into(),
-            source_dir: source.path().display().to_string(),
+            source_dir: "random-peft".into(),
         })
         .await
         .expect_err("bad name");
-    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(violation_field(&status), "name");
+    // Nothing outside the import root is read: `..`, an absolute path elsewhere, and a link
+    // leading out are named by field; the adapter there stays unregistered.
+    for outside in [
+        "../adapters".to_string(),
+        elsewhere.path().display().to_string(),
+        "link-out".to_string(),
+    ] {
+        let status = client
+            .load_adapter(pb::LoadAdapterRequest {
+                name: "outside".into(),
+                source_dir: outside.clone(),
+            })
+            .await
+            .expect_err("a source outside the import root");
+        assert_eq!(
+            violation_field(&status),
+            "source_dir",
+            "{outside}: {status:?}"
+        );
+    }
     let info = client
         .load_adapter(pb::LoadAdapterRequest {
             name: "random".into(),
-            source_dir: source.path().display().to_string(),
+            // Relative to the import root; the absolute path inside it works too.
+            source_dir: "random-peft".into(),
         })
         .await
         .expect("import and load")

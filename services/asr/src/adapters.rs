@@ -24,7 +24,8 @@ pub enum AdaptersCommand {
     /// Load a registry adapter into the model service, importing it from --dir first.
     Load {
         name: String,
-        /// A PEFT adapter directory on the model service's host to import as NAME.
+        /// A PEFT adapter directory to import as NAME, inside the model service's import
+        /// root (--import-root, default <data-root>/imports): relative to it, or absolute.
         #[arg(long)]
         dir: Option<PathBuf>,
         #[command(flatten)]

@@ -631,13 +631,8 @@ pub fn adapters_load(
     server: &ModelServiceArg,
 ) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        let source_dir = match dir {
-            Some(d) => std::fs::canonicalize(d)
-                .with_context(|| format!("{}", d.display()))?
-                .display()
-                .to_string(),
-            None => String::new(),
-        };
+        // A path on the model service's host, resolved there inside its import root.
+        let source_dir = dir.map(|d| d.display().to_string()).unwrap_or_default();
         let info = connect(&server.model_service)
             .await?
             .load_adapter(pb::LoadAdapterRequest {

@@ -64,6 +64,11 @@ pub struct ModelServiceConfig {
     /// Longest audio per Transcribe stream, in seconds.
     #[arg(long, env = "ASR_MAX_AUDIO_SECONDS", default_value_t = 4.0 * 3600.0)]
     pub max_audio_seconds: f64,
+    /// The only directory LoadAdapter.source_dir may import from (relative paths are
+    /// resolved inside it; `..` and links leading out are refused). Default:
+    /// <data-root>/imports.
+    #[arg(long, env = "ASR_IMPORT_ROOT")]
+    pub import_root: Option<PathBuf>,
     #[command(flatten)]
     pub security: asr_runtime::ServerSecurityArgs,
 }
@@ -85,7 +90,17 @@ impl Default for ModelServiceConfig {
             metrics_listen: None,
             max_audio_seconds: 4.0 * 3600.0,
             drain_seconds: 30.0,
+            import_root: None,
             security: Default::default(),
         }
+    }
+}
+
+impl ModelServiceConfig {
+    /// Where LoadAdapter.source_dir may import from.
+    pub fn import_root(&self) -> PathBuf {
+        self.import_root
+            .clone()
+            .unwrap_or_else(|| self.data_root.join("imports"))
     }
 }

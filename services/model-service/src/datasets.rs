@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
 use crate::registry::validate_name;
-use crate::store::{entry_names, now, remove_aside, timestamp, write_synced};
+use crate::store::{entry_names, now, remove_aside, resolve_inside, timestamp, write_synced};
 
 const META_FILE: &str = "dataset.json";
 const LOG_FILE: &str = "examples.jsonl";
@@ -119,8 +119,11 @@ impl DatasetStore {
         self.dir_of(name).join(META_FILE).is_file()
     }
 
+    /// The datasets' names (a link leading out of the store is not one of them).
     pub fn names(&self) -> Result<Vec<String>, ModelError> {
-        entry_names(&self.root, |n| self.exists(n))
+        entry_names(&self.root, |n| {
+            self.exists(n) && resolve_inside(&self.root, Path::new(n), "name").is_ok()
+        })
     }
 
     /// Opens a dataset (dropping a torn last log line).
@@ -132,7 +135,8 @@ impl DatasetStore {
                 name: name.to_string(),
             });
         }
-        let dir = self.dir_of(name);
+        // A link placed in the store must not lead a request outside it.
+        let dir = resolve_inside(&self.root, Path::new(name), "name")?;
         let meta: DatasetMeta = serde_json::from_slice(
             &std::fs::read(dir.join(META_FILE)).map_err(ModelError::internal)?,
         )
@@ -162,6 +166,9 @@ impl DatasetStore {
         description: &str,
     ) -> Result<Dataset, ModelError> {
         let dir = self.dir_of(name);
+        if std::fs::symlink_metadata(&dir).is_ok() {
+            resolve_inside(&self.root, Path::new(name), "name")?;
+        }
         std::fs::create_dir_all(dir.join("windows")).map_err(ModelError::internal)?;
         let meta = DatasetMeta {
             name: name.to_string(),
@@ -328,5 +335,39 @@ impl Appender {
     pub fn touch(&mut self) -> Result<(), ModelError> {
         self.dataset.meta.updated_unix_seconds = now();
         write_meta(&self.dataset.dir, &self.dataset.meta)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A link planted in the store is neither listed, opened, deleted nor written through.
+    #[test]
+    fn links_out_of_the_store_are_refused() {
+        use std::os::unix::fs::symlink;
+        let data = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let store = DatasetStore::open(data.path()).unwrap();
+        store.create("real", 80, "zh", "").unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::fs::write(victim.join(META_FILE), b"{}").unwrap();
+        symlink(&victim, data.path().join("datasets/planted")).unwrap();
+        symlink(outside.path(), data.path().join("datasets/fresh")).unwrap();
+        assert_eq!(store.names().unwrap(), vec!["real".to_string()]);
+        for result in [store.get("planted").map(|_| ()), store.delete("planted")] {
+            assert!(
+                matches!(result, Err(ModelError::InvalidField { ref field, .. }) if field == "name"),
+                "{:?}",
+                result.err()
+            );
+        }
+        assert!(store.create("fresh", 80, "zh", "").is_err());
+        assert!(
+            !outside.path().join("windows").exists(),
+            "nothing written outside"
+        );
+        assert!(victim.join(META_FILE).exists());
     }
 }

@@ -11,7 +11,7 @@ use asr_whisper::{LoraBias, TargetModules};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
-use crate::store::{entry_names, now, remove_aside, timestamp};
+use crate::store::{entry_names, now, remove_aside, resolve_inside, timestamp};
 
 const META_FILE: &str = "registry.json";
 const MAX_NAME_LEN: usize = 64;
@@ -58,14 +58,22 @@ pub struct StoredAdapter {
 #[derive(Debug, Clone)]
 pub struct Registry {
     root: PathBuf,
+    /// LoadAdapter.source_dir is resolved inside this directory, never outside it.
+    import_root: PathBuf,
 }
 
 impl Registry {
-    pub fn open(data_root: &Path) -> Result<Self, ModelError> {
+    /// The registry under `data_root/adapters`, importing from `import_root`.
+    pub fn open(data_root: &Path, import_root: &Path) -> Result<Self, ModelError> {
         let root = data_root.join("adapters");
-        std::fs::create_dir_all(&root)
-            .map_err(|e| ModelError::Config(format!("cannot create {}: {e}", root.display())))?;
-        Ok(Self { root })
+        for dir in [&root, import_root] {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| ModelError::Config(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        Ok(Self {
+            root,
+            import_root: import_root.to_path_buf(),
+        })
     }
 
     pub fn dir_of(&self, name: &str) -> PathBuf {
@@ -78,10 +86,18 @@ impl Registry {
 
     /// Every stored adapter, sorted by name (directories that are not adapters are skipped).
     pub fn list(&self) -> Result<Vec<StoredAdapter>, ModelError> {
-        entry_names(&self.root, |n| self.exists(n))?
-            .iter()
-            .map(|n| self.get(n))
-            .collect()
+        let mut adapters = Vec::new();
+        for name in entry_names(&self.root, |n| self.exists(n))? {
+            match self.get(&name) {
+                Ok(adapter) => adapters.push(adapter),
+                // A link leading out of the registry is not one of its adapters.
+                Err(ModelError::InvalidField { description, .. }) => {
+                    tracing::warn!(%name, %description, "registry entry skipped");
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(adapters)
     }
 
     pub fn get(&self, name: &str) -> Result<StoredAdapter, ModelError> {
@@ -92,7 +108,11 @@ impl Registry {
                 name: name.to_string(),
             });
         }
-        let dir = self.dir_of(name);
+        // A link placed in the registry must not lead a request outside it.
+        let dir = resolve_inside(&self.root, Path::new(name), "name")?;
+        for file in [CONFIG_FILE, WEIGHTS_FILE] {
+            resolve_inside(&dir, Path::new(file), "name")?;
+        }
         let info = describe(name, &dir).map_err(ModelError::internal)?;
         Ok(StoredAdapter {
             name: name.to_string(),
@@ -101,8 +121,10 @@ impl Registry {
         })
     }
 
-    /// Copies a PEFT adapter directory into the registry as `name` (origin IMPORTED).
-    pub fn import(&self, name: &str, source: &Path) -> Result<StoredAdapter, ModelError> {
+    /// Copies the PEFT adapter directory `source_dir` (relative to the import root, or an
+    /// absolute path inside it) into the registry as `name` (origin IMPORTED). Nothing
+    /// outside the import root is read: `..` is refused and links are resolved first.
+    pub fn import(&self, name: &str, source_dir: &str) -> Result<StoredAdapter, ModelError> {
         validate_name(name, "name")?;
         if self.exists(name) {
             return Err(ModelError::AlreadyExists {
@@ -110,21 +132,27 @@ impl Registry {
                 name: name.to_string(),
             });
         }
+        let source = resolve_inside(&self.import_root, Path::new(source_dir), "source_dir")?;
         if !source.is_dir() {
-            return Err(ModelError::NotFound {
-                what: "directory",
-                name: source.display().to_string(),
-            });
-        }
-        read_peft_config(source)
-            .map_err(|e| ModelError::invalid("source_dir", format!("not a LoRA adapter: {e:#}")))?;
-        if !source.join(WEIGHTS_FILE).is_file() {
             return Err(ModelError::invalid(
                 "source_dir",
-                format!("{} has no {WEIGHTS_FILE}", source.display()),
+                format!("{source_dir} is not a directory"),
             ));
         }
-        self.install(name, source, "imported", "", &source.display().to_string())
+        for file in [CONFIG_FILE, WEIGHTS_FILE] {
+            match resolve_inside(&source, Path::new(file), "source_dir") {
+                Err(ModelError::NotFound { .. }) => {
+                    return Err(ModelError::invalid(
+                        "source_dir",
+                        format!("{source_dir} has no {file}"),
+                    ))
+                }
+                other => other?,
+            };
+        }
+        read_peft_config(&source)
+            .map_err(|e| ModelError::invalid("source_dir", format!("not a LoRA adapter: {e:#}")))?;
+        self.install(name, &source, "imported", "", source_dir)
     }
 
     /// Copies `source` into the registry under `name` with its origin recorded.
@@ -250,5 +278,83 @@ mod tests {
         for good in ["zh-espeak", "run_1.best", "A9"] {
             validate_name(good, "name").expect(good);
         }
+    }
+
+    fn field_of(error: ModelError) -> String {
+        match error {
+            ModelError::InvalidField { field, .. } => field,
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+    }
+
+    /// ../, absolute paths and links out of the import root or the registry are refused
+    /// before anything is read.
+    #[test]
+    fn imports_and_entries_stay_inside_their_roots() {
+        use std::os::unix::fs::symlink;
+        let data = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join(CONFIG_FILE), "{}").unwrap();
+        std::fs::write(outside.path().join(WEIGHTS_FILE), "secret").unwrap();
+        let imports = data.path().join("imports");
+        let registry = Registry::open(data.path(), &imports).unwrap();
+
+        let outside_dir = outside.path().display().to_string();
+        assert_eq!(
+            field_of(registry.import("a", "../adapters").unwrap_err()),
+            "source_dir"
+        );
+        assert_eq!(
+            field_of(
+                registry
+                    .import("a", &format!("{outside_dir}/../x"))
+                    .unwrap_err()
+            ),
+            "source_dir"
+        );
+        // An absolute path outside: joined onto the root it replaces it, and is refused.
+        assert_eq!(
+            field_of(registry.import("a", &outside_dir).unwrap_err()),
+            "source_dir"
+        );
+        assert!(matches!(
+            registry.import("a", "missing").unwrap_err(),
+            ModelError::NotFound { .. }
+        ));
+        // A link in the import root leading out.
+        symlink(outside.path(), imports.join("link")).unwrap();
+        assert_eq!(
+            field_of(registry.import("a", "link").unwrap_err()),
+            "source_dir"
+        );
+        // A real directory whose weights are a link leading out.
+        let sneaky = imports.join("sneaky");
+        std::fs::create_dir(&sneaky).unwrap();
+        std::fs::write(sneaky.join(CONFIG_FILE), "{}").unwrap();
+        symlink(outside.path().join(WEIGHTS_FILE), sneaky.join(WEIGHTS_FILE)).unwrap();
+        assert_eq!(
+            field_of(registry.import("a", "sneaky").unwrap_err()),
+            "source_dir"
+        );
+        assert_eq!(
+            field_of(
+                registry
+                    .import("a", &sneaky.display().to_string())
+                    .unwrap_err()
+            ),
+            "source_dir"
+        );
+        // A link placed in the registry itself.
+        symlink(outside.path(), data.path().join("adapters/planted")).unwrap();
+        assert_eq!(field_of(registry.get("planted").unwrap_err()), "name");
+        assert_eq!(field_of(registry.delete("planted").unwrap_err()), "name");
+        assert!(
+            outside.path().join(WEIGHTS_FILE).exists(),
+            "nothing outside was touched"
+        );
+        assert!(
+            registry.list().unwrap().is_empty(),
+            "the planted link is not listed"
+        );
     }
 }

@@ -81,7 +81,7 @@ impl ModelServer {
             )));
         }
         tracing::info!(device = %device::describe(device), precision = ?config.precision, "model service device");
-        let registry = Registry::open(&config.data_root)?;
+        let registry = Registry::open(&config.data_root, &config.import_root())?;
         let metrics = Metrics::default();
         let datasets = DatasetStore::open(&config.data_root)?;
         let labels = match &config.model {
@@ -764,10 +764,7 @@ impl ModelService for ModelServer {
                 self.registry.get(&request.name)?
             } else {
                 let registry = self.registry.clone();
-                let (name, source) = (
-                    request.name.clone(),
-                    std::path::PathBuf::from(&request.source_dir),
-                );
+                let (name, source) = (request.name.clone(), request.source_dir.clone());
                 tokio::task::spawn_blocking(move || registry.import(&name, &source))
                     .await
                     .map_err(ModelError::internal)??

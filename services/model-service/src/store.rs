@@ -2,7 +2,7 @@
 //! entries of a store directory, removing one at once, and timestamps.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::ModelError;
@@ -31,6 +31,44 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
         Ok(())
     })();
     result.map_err(|e| ModelError::internal(format!("writing {}: {e}", path.display())))
+}
+
+/// `requested` (relative to `root`, or absolute) when it exists and resolves, links followed,
+/// to a path inside `root`: requests name paths, and neither `..` nor a symbolic link placed
+/// in a store may lead them elsewhere. `field` names the request field in errors.
+pub fn resolve_inside(root: &Path, requested: &Path, field: &str) -> Result<PathBuf, ModelError> {
+    if requested
+        .components()
+        .any(|c| matches!(c, Component::ParentDir))
+    {
+        return Err(ModelError::invalid(field, "must not contain '..'"));
+    }
+    let root = root
+        .canonicalize()
+        .map_err(|e| ModelError::internal(format!("{}: {e}", root.display())))?;
+    let joined = root.join(requested);
+    let resolved = match joined.canonicalize() {
+        Ok(resolved) => resolved,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ModelError::NotFound {
+                what: "path",
+                name: requested.display().to_string(),
+            })
+        }
+        Err(e) => return Err(ModelError::internal(format!("{}: {e}", joined.display()))),
+    };
+    if resolved.starts_with(&root) {
+        Ok(resolved)
+    } else {
+        Err(ModelError::invalid(
+            field,
+            format!(
+                "{} resolves outside {} (through a symbolic link?)",
+                requested.display(),
+                root.display()
+            ),
+        ))
+    }
 }
 
 /// The valid names under `root` for which `is_entry` holds, sorted (staging and trash
