@@ -129,7 +129,9 @@ impl AccessPolicy {
             .map(|method| format!("/{service}/{}", method.name()))
             .collect();
         if paths.is_empty() {
-            return vec![format!("<{service} has no methods in the asr.v1 descriptors>")];
+            return vec![format!(
+                "<{service} has no methods in the asr.v1 descriptors>"
+            )];
         }
         paths
             .into_iter()
