@@ -62,6 +62,9 @@ pub async fn ingest(
     request: Request<Streaming<pb::IngestAudioRequest>>,
 ) -> Result<pb::IngestResponse, FeatureError> {
     let started = Instant::now();
+    // tonic ends this unary-response call at the client's deadline; the model service gets
+    // what remains of it, so it stops too.
+    let deadline = asr_runtime::deadline::of(request.metadata());
     let link = server
         .model_link()
         .ok_or(FeatureError::NoModelService)?
@@ -88,6 +91,7 @@ pub async fn ingest(
         futures::stream::once(async { first }).chain(ReceiverStream::new(upstream_rx)),
     );
     trace_context::inject_current(upstream.metadata_mut());
+    asr_runtime::deadline::propagate(&mut upstream, deadline);
     let acks = link.ingest_examples(upstream).await?;
 
     let context = ExampleContext {

@@ -45,11 +45,13 @@ type ResponseSender = mpsc::Sender<Result<pb::TranscribeResponse, Status>>;
 type Decoding = JoinHandle<Result<StreamSummary, FeatureError>>;
 
 /// Starts relaying one Transcribe stream; errors before the first response (no model service,
-/// a bad config, the model service unreachable) are returned, later ones end the stream.
+/// a bad config, the model service unreachable) are returned, later ones end the stream. The
+/// model service gets what remains of the client's `deadline`.
 pub async fn start(
     server: &FeatureServer,
     permit: OwnedSemaphorePermit,
     request: Request<Streaming<pb::TranscribeAudioRequest>>,
+    deadline: Option<tokio::time::Instant>,
 ) -> Result<Responses, FeatureError> {
     let link = server
         .model_link()
@@ -77,6 +79,7 @@ pub async fn start(
     let mut upstream =
         Request::new(futures::stream::once(async { first }).chain(ReceiverStream::new(frames_rx)));
     trace_context::inject_current(upstream.metadata_mut());
+    asr_runtime::deadline::propagate(&mut upstream, deadline);
     let guard = UpstreamGuard {
         cancel: Some(upstream.cancellation_handle()),
         keep_open: Some(frames_tx.clone()),

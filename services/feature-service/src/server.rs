@@ -87,6 +87,7 @@ impl FeatureServer {
         request: Request<Streaming<pb::ExtractRequest>>,
     ) -> Result<Response<ResponseStream<pb::ExtractResponse>>, Status> {
         let permit = self.acquire_stream()?;
+        let deadline = asr_runtime::deadline::of(request.metadata());
         let mut audio = request.into_inner();
         let config = inbound::read_config(&mut audio).await?;
         let spec = ExtractSpec::from_proto(config, &self.config)?;
@@ -103,7 +104,10 @@ impl FeatureServer {
             let _entered = span.enter();
             extract::run_pipeline(pipeline, spec, chunks_rx, abort, responses_tx, permit);
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(responses_rx))))
+        Ok(Response::new(asr_runtime::deadline::until(
+            Box::pin(ReceiverStream::new(responses_rx)),
+            deadline,
+        )))
     }
 
     pub(crate) fn pipeline(&self, mel: MelConfig) -> FeaturePipeline {
@@ -167,15 +171,17 @@ impl FeatureService for FeatureServer {
             tracing::info_span!("Transcribe", remote = ?request.remote_addr()),
             request.metadata(),
         );
+        let deadline = asr_runtime::deadline::of(request.metadata());
         let responses = async {
             let permit = self.acquire_stream()?;
-            relay::start(self, permit, request).await
+            relay::start(self, permit, request, deadline).await
         }
         .instrument(span)
         .await
         .map_err(Status::from);
         self.count_request("Transcribe", &responses);
-        let stream: Self::TranscribeStream = Box::pin(ReceiverStream::new(responses?));
+        let stream: Self::TranscribeStream =
+            asr_runtime::deadline::until(Box::pin(ReceiverStream::new(responses?)), deadline);
         Ok(Response::new(stream))
     }
 

@@ -366,10 +366,15 @@ impl ModelService for ModelServer {
             tracing::info_span!("Transcribe", remote = ?request.remote_addr()),
             request.metadata(),
         );
-        let result: RpcResult<Self::TranscribeStream> =
-            async { Ok(Response::new(self.start_transcribe(request).await?)) }
-                .instrument(span)
-                .await;
+        let deadline = asr_runtime::deadline::of(request.metadata());
+        let result: RpcResult<Self::TranscribeStream> = async {
+            let stream = self.start_transcribe(request).await?;
+            Ok(Response::new(asr_runtime::deadline::until(
+                stream, deadline,
+            )))
+        }
+        .instrument(span)
+        .await;
         self.count_request("Transcribe", &result);
         result
     }
@@ -441,11 +446,13 @@ impl ModelService for ModelServer {
                 labels: labels.clone(),
                 ingesting: self.ingesting.clone(),
             };
+            let deadline = asr_runtime::deadline::of(request.metadata());
             let mut inbound = request.into_inner();
             let (split, guard) = ingest::open(&context, &mut inbound).await?;
             let (acks, responses) = mpsc::channel(EVENTS_BUFFERED);
             tokio::spawn(ingest::run(labels, split, guard, inbound, acks));
-            let stream: Self::IngestExamplesStream = Box::pin(ReceiverStream::new(responses));
+            let stream: Self::IngestExamplesStream =
+                asr_runtime::deadline::until(Box::pin(ReceiverStream::new(responses)), deadline);
             Ok(Response::new(stream))
         }
         .await;
@@ -621,9 +628,12 @@ impl ModelService for ModelServer {
     ) -> RpcResult<Self::WatchTrainingStream> {
         let result: RpcResult<Self::WatchTrainingStream> = async {
             let jobs = self.jobs.as_ref().ok_or(ModelError::NoModel)?;
+            let deadline = asr_runtime::deadline::of(request.metadata());
             let request = request.into_inner();
-            let stream: Self::WatchTrainingStream =
-                Box::pin(jobs.watch(&request.job_id, request.from_event_index)?);
+            let stream: Self::WatchTrainingStream = asr_runtime::deadline::until(
+                Box::pin(jobs.watch(&request.job_id, request.from_event_index)?),
+                deadline,
+            );
             Ok(Response::new(stream))
         }
         .await;

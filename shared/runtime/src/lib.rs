@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod deadline;
 pub mod metrics;
 pub mod security;
 pub mod serve;

@@ -1,0 +1,160 @@
+//! A client's gRPC deadline on a streaming call, through both services with whisper-base:
+//! the stream ends with DEADLINE_EXCEEDED soon after the deadline even though the client keeps
+//! its request stream open, and the work behind it is freed (the model service's only stream
+//! slot is taken again at once). The model service honours a deadline on its own too.
+
+use std::time::{Duration, Instant};
+
+use asr_proto::v1 as pb;
+use e2e_support::whisper_base::{model_dir, test_clips};
+use e2e_support::{start_feature_service, start_model_service};
+use feature_service::FeatureServiceConfig;
+use model_service::ModelServiceConfig;
+use pb::feature_service_client::FeatureServiceClient;
+use pb::model_service_client::ModelServiceClient;
+use pb::transcribe_audio_request::Payload;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+const DEADLINE: Duration = Duration::from_millis(1500);
+/// How late past the deadline the stream may end (2 cores, a debug build).
+const SLACK: Duration = Duration::from_secs(3);
+
+fn zh() -> pb::TranscriptionOptions {
+    pb::TranscriptionOptions {
+        language: "zh".into(),
+        ..Default::default()
+    }
+}
+
+/// Waits for the stream's end (failing rather than hanging when it never comes); returns its
+/// status and when it came.
+async fn end_of<T>(mut stream: tonic::Streaming<T>) -> (tonic::Status, Instant) {
+    let end = async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without an error"),
+                Err(status) => return (status, Instant::now()),
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE + SLACK + Duration::from_secs(10), end)
+        .await
+        .expect("the stream ran on past its deadline")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deadlines_end_streams_through_both_hops_and_free_the_work() {
+    let data_root = tempfile::tempdir().expect("tempdir");
+    let (model, _handle) = start_model_service(ModelServiceConfig {
+        model: Some(model_dir()),
+        data_root: data_root.path().to_path_buf(),
+        device: "cpu".into(),
+        // One stream at a time: a slot not freed would refuse the next stream.
+        max_concurrent_streams: 1,
+        ..Default::default()
+    })
+    .await;
+    let features = start_feature_service(FeatureServiceConfig {
+        model_service: Some(model.url()),
+        ..Default::default()
+    })
+    .await;
+    let mut client = FeatureServiceClient::connect(features.url())
+        .await
+        .expect("connect");
+    let clip = std::fs::read(&test_clips(1)[0].path).expect("clip");
+
+    // A live source that stops sending but never ends its stream.
+    let (audio_tx, audio_rx) = mpsc::channel(4);
+    audio_tx
+        .send(pb::TranscribeAudioRequest {
+            payload: Some(Payload::Config(pb::TranscribeAudioConfig {
+                format: None,
+                options: Some(zh()),
+            })),
+        })
+        .await
+        .unwrap();
+    audio_tx
+        .send(pb::TranscribeAudioRequest {
+            payload: Some(Payload::Audio(clip[..clip.len() / 2].to_vec())),
+        })
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(ReceiverStream::new(audio_rx));
+    request.set_timeout(DEADLINE);
+    let started = Instant::now();
+    let stream = client
+        .transcribe(request)
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let (status, ended) = end_of(stream).await;
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let took = ended - started;
+    assert!(
+        took >= DEADLINE && took < DEADLINE + SLACK,
+        "ended after {took:?} (deadline {DEADLINE:?})"
+    );
+
+    // The model service's one slot is free again: a whole clip goes through at once.
+    let mut messages = vec![pb::TranscribeAudioRequest {
+        payload: Some(Payload::Config(pb::TranscribeAudioConfig {
+            format: None,
+            options: Some(zh()),
+        })),
+    }];
+    messages.push(pb::TranscribeAudioRequest {
+        payload: Some(Payload::Audio(clip.clone())),
+    });
+    let mut next = tonic::Request::new(tokio_stream::iter(messages));
+    next.set_timeout(Duration::from_secs(120));
+    let mut stream = client
+        .transcribe(next)
+        .await
+        .expect("the slot was freed")
+        .into_inner();
+    let mut segments = 0;
+    while let Some(response) = stream.message().await.expect("events") {
+        if let Some(pb::transcribe_response::Event::Segment(_)) = response.event {
+            segments += 1;
+        }
+    }
+    assert!(segments > 0);
+    drop(audio_tx);
+
+    // The model service alone: config, then nothing, with a deadline.
+    let mut model_client = ModelServiceClient::connect(model.url())
+        .await
+        .expect("connect");
+    let (frames_tx, frames_rx) = mpsc::channel(1);
+    frames_tx
+        .send(pb::TranscribeFramesRequest {
+            payload: Some(pb::transcribe_frames_request::Payload::Config(
+                pb::TranscribeFramesConfig {
+                    options: Some(zh()),
+                    n_mels: 80,
+                },
+            )),
+        })
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(ReceiverStream::new(frames_rx));
+    request.set_timeout(DEADLINE);
+    let started = Instant::now();
+    let stream = model_client
+        .transcribe(request)
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let (status, ended) = end_of(stream).await;
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(ended - started < DEADLINE + SLACK);
+    drop(frames_tx);
+
+    features.stop().await;
+    model.stop().await;
+}
