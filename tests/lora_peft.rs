@@ -325,54 +325,84 @@ fn merged_adapter_gives_the_attached_logits() {
     );
 }
 
+/// What the resume tests share: the tiny model, 8 examples, batch 2, accumulation 2 (2
+/// optimiser steps per epoch), 2 epochs.
+struct ResumeSetup {
+    f: Fixture,
+    config: WhisperConfig,
+    examples: Vec<asr_whisper::trainer::Example>,
+    ids: asr_whisper::trainer::LabelIds,
+    train_config: asr_whisper::trainer::TrainConfig,
+}
+
+impl ResumeSetup {
+    fn new() -> Self {
+        use asr_whisper::trainer::{Example, LabelIds, TrainConfig};
+        let f = Fixture::new_with_inputs(8);
+        let config =
+            WhisperConfig::from_file(&f.dir.path().join("model/config.json")).expect("config");
+        let inputs = tensor(&f.dir.path().join("inputs.npy"));
+        let examples: Vec<Example> = (0..8)
+            .map(|i| {
+                Example::in_memory(
+                    Vec::<f32>::try_from(&inputs.get(i).reshape([-1])).expect("window"),
+                    // The prompt, then 2 + i % 4 of the fixture's text tokens, then end-of-text.
+                    f.tokens[..4 + 2 + (i as usize % 4)]
+                        .iter()
+                        .copied()
+                        .chain([50257])
+                        .collect(),
+                )
+            })
+            .collect();
+        Self {
+            f,
+            config,
+            examples,
+            ids: LabelIds {
+                decoder_start: 50258,
+                pad: 50257,
+            },
+            train_config: TrainConfig {
+                epochs: 2,
+                batch_size: 2,
+                grad_accum: 2,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The int8 model and a freshly initialised adapter, the same every time.
+    fn fresh(&self) -> (Whisper, Adapter) {
+        let mut model = Whisper::load(
+            Weights::from_dir(&self.f.dir.path().join("model"), Device::Cpu, Kind::Float)
+                .expect("weights")
+                .with_int8_linears(asr_whisper::linear::DEFAULT_OUTLIER_THRESHOLD),
+            &self.config,
+        )
+        .expect("model");
+        tch::manual_seed(21);
+        let adapter = Adapter::init(LoraConfig::default(), &model.linear_sites(), Device::Cpu)
+            .expect("adapter");
+        (model, adapter)
+    }
+}
+
 /// Checkpoints: training 2 epochs straight through and training 1 epoch, saving, and resuming
 /// in a fresh model and trainer give the same step losses and the same final adapter
 /// (tiny model, 8 examples, batch 2, accumulation 2: 2 optimiser steps per epoch).
 #[test]
 fn resumed_training_equals_uninterrupted_training() {
-    use asr_whisper::trainer::{Example, LabelIds, TrainConfig, Trainer};
+    use asr_whisper::trainer::Trainer;
     let _training = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
-    let f = Fixture::new_with_inputs(8);
-    let model_dir = f.dir.path().join("model");
-    let config = WhisperConfig::from_file(&model_dir.join("config.json")).expect("config");
-    let inputs = tensor(&f.dir.path().join("inputs.npy"));
-    let examples: Vec<Example> = (0..8)
-        .map(|i| {
-            Example::in_memory(
-                Vec::<f32>::try_from(&inputs.get(i).reshape([-1])).expect("window"),
-                // The prompt, then 2 + i % 4 of the fixture's text tokens, then end-of-text.
-                f.tokens[..4 + 2 + (i as usize % 4)]
-                    .iter()
-                    .copied()
-                    .chain([50257])
-                    .collect(),
-            )
-        })
-        .collect();
-    let ids = LabelIds {
-        decoder_start: 50258,
-        pad: 50257,
-    };
-    let train_config = TrainConfig {
-        epochs: 2,
-        batch_size: 2,
-        grad_accum: 2,
-        ..Default::default()
-    };
-    let fresh = || {
-        let model = Whisper::load(
-            Weights::from_dir(&model_dir, Device::Cpu, Kind::Float)
-                .expect("weights")
-                .with_int8_linears(asr_whisper::linear::DEFAULT_OUTLIER_THRESHOLD),
-            &config,
-        )
-        .expect("model");
-        tch::manual_seed(21);
-        let mut model = model;
-        let adapter = Adapter::init(LoraConfig::default(), &model.linear_sites(), Device::Cpu)
-            .expect("adapter");
-        (model, adapter)
-    };
+    let setup = ResumeSetup::new();
+    let (f, examples, ids, train_config) = (
+        &setup.f,
+        &setup.examples,
+        setup.ids,
+        setup.train_config.clone(),
+    );
+    let fresh = || setup.fresh();
     let checkpoint = f.dir.path().join("checkpoint-epoch-1");
 
     let (mut model, adapter) = fresh();
@@ -425,6 +455,115 @@ fn resumed_training_equals_uninterrupted_training() {
         .map(|(a, b)| max_abs(a, &b))
         .fold(0.0, f64::max);
     println!("resumed vs straight: final adapter max |diff| {worst:.2e}");
+    assert!(worst <= 1e-6, "final adapters differ by {worst}");
+}
+
+/// A run suspended mid-epoch (as the model service does on SIGTERM) keeps a
+/// `checkpoint-interrupted` of its last step, and resuming from it gives the same steps,
+/// losses and final adapter as a run never stopped.
+#[test]
+fn suspended_mid_epoch_training_resumes_exactly() {
+    use asr_whisper::trainer::{interrupted_dir, FitOptions, Suspended, Trainer};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let _training = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    let setup = ResumeSetup::new();
+    let options = FitOptions::new("tiny-random-whisper");
+
+    let straight_dir = tempfile::tempdir().expect("tempdir");
+    let (mut model, adapter) = setup.fresh();
+    let mut straight = Trainer::new(
+        &mut model,
+        adapter,
+        setup.train_config.clone(),
+        setup.ids,
+        8,
+    )
+    .expect("trainer");
+    straight
+        .fit(
+            &setup.examples,
+            &[],
+            straight_dir.path(),
+            &options,
+            |_| {},
+            |_| {},
+        )
+        .expect("straight run");
+    let straight_log = straight.state.log.clone();
+    let straight_final = straight.adapter().trainable_tensors();
+    assert_eq!(straight_log.len(), 4);
+
+    // Suspended after step 3: the first step of epoch 2 is done, the second is not.
+    let output = tempfile::tempdir().expect("tempdir");
+    let (mut model, adapter) = setup.fresh();
+    let mut first = Trainer::new(
+        &mut model,
+        adapter,
+        setup.train_config.clone(),
+        setup.ids,
+        8,
+    )
+    .expect("trainer");
+    let suspend = Arc::new(AtomicBool::new(false));
+    first.suspend = Some(suspend.clone());
+    let error = first
+        .fit(
+            &setup.examples,
+            &[],
+            output.path(),
+            &options,
+            |log| suspend.store(log.step == 3, Ordering::Relaxed),
+            |_| {},
+        )
+        .expect_err("suspended");
+    assert!(error.downcast_ref::<Suspended>().is_some(), "{error:#}");
+    let interrupted = interrupted_dir(output.path());
+    assert_eq!(asr_whisper::trainer::checkpoint_step(&interrupted), Some(3));
+
+    let (mut model, adapter) = setup.fresh();
+    let mut resumed = Trainer::new(
+        &mut model,
+        adapter,
+        setup.train_config.clone(),
+        setup.ids,
+        8,
+    )
+    .expect("trainer");
+    resumed.resume(&interrupted).expect("resume");
+    assert_eq!(
+        (resumed.state.global_step, resumed.state.windows_done),
+        (3, 1)
+    );
+    let summary = resumed
+        .fit(
+            &setup.examples,
+            &[],
+            output.path(),
+            &options,
+            |_| {},
+            |_| {},
+        )
+        .expect("resumed run");
+    assert_eq!(summary.epochs.len(), 2);
+    assert!(!interrupted.exists(), "superseded by checkpoint-epoch-2");
+    let resumed_log = &resumed.state.log;
+    assert_eq!(resumed_log.len(), 4);
+    for (a, b) in straight_log.iter().zip(resumed_log) {
+        assert_eq!((a.step, a.epoch), (b.step, b.epoch));
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-6 * a.loss.abs().max(1.0),
+            "step {}: loss {} straight vs {} resumed",
+            a.step,
+            a.loss,
+            b.loss
+        );
+    }
+    let worst = straight_final
+        .iter()
+        .zip(resumed.adapter().trainable_tensors())
+        .map(|(a, b)| max_abs(a, &b))
+        .fold(0.0, f64::max);
     assert!(worst <= 1e-6, "final adapters differ by {worst}");
 }
 

@@ -54,6 +54,8 @@ pub struct ModelServer {
     pub metrics: Metrics,
     /// Transcribe streams using each adapter (DeleteAdapter refuses while in use).
     adapter_users: Arc<Mutex<HashMap<String, usize>>>,
+    /// Stops training with a checkpoint when the service stops.
+    training_suspend: crate::training::SuspendHandle,
 }
 
 impl ModelServer {
@@ -106,10 +108,12 @@ impl ModelServer {
                 metrics: metrics.clone(),
             })
         });
+        let training_suspend = crate::training::SuspendHandle::default();
         let jobs = match &config.model {
             Some(dir) => {
                 let (jobs, queue) = Jobs::open(&config.data_root, config.max_queued_jobs)?;
                 Runner {
+                    suspend: training_suspend.clone(),
                     jobs: jobs.clone(),
                     datasets: datasets.clone(),
                     registry: registry.clone(),
@@ -134,6 +138,7 @@ impl ModelServer {
             labels,
             ingesting: Ingesting::default(),
             adapter_users: Arc::default(),
+            training_suspend,
         })
     }
 
@@ -908,11 +913,34 @@ pub async fn serve_server(
             Arc::new(move |_| sampler.sample_gauges()),
         ));
     }
+    let suspend = server.training_suspend.clone();
     let router = asr_runtime::router_with_health_and_reflection::<ModelServiceServer<ModelServer>>(
         &server.config.security,
         crate::access::policy(),
     )
     .await?
     .add_service(server.into_service());
-    asr_runtime::serve(router, listener, grace, shutdown).await
+    // Training checkpoints while the transcriptions drain.
+    let signal = {
+        let suspend = suspend.clone();
+        async move {
+            shutdown.await;
+            suspend.suspend();
+        }
+    };
+    let served = asr_runtime::serve(router, listener, grace, signal).await;
+    if suspend.is_suspended() {
+        let saved = tokio::task::spawn_blocking(move || suspend.wait_idle(grace))
+            .await
+            .unwrap_or(false);
+        if saved {
+            tracing::info!("training stopped; a running job kept a checkpoint and stays queued");
+        } else {
+            tracing::warn!(
+                grace_seconds = grace.as_secs_f64(),
+                "training did not stop within the drain deadline"
+            );
+        }
+    }
+    served
 }

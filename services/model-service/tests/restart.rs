@@ -1,5 +1,6 @@
 //! A model service killed with SIGKILL in the middle of a training job resumes the job from
 //! its last checkpoint when it starts again, and the job finishes with its adapter registered.
+//! One stopped with SIGTERM saves a mid-epoch checkpoint first and resumes from that step.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -115,12 +116,8 @@ fn examples(count: usize) -> Vec<pb::IngestExamplesRequest> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_service_resumes_its_training_job() {
-    let data_root = tempfile::tempdir().expect("tempdir");
-    let (service, url) = start(data_root.path());
-    let mut client = connect(&url).await;
-
+/// Stores the first `count` espeak training clips as the dataset "espeak".
+async fn ingest_espeak(client: &mut ModelServiceClient<tonic::transport::Channel>, count: usize) {
     let mut messages = vec![pb::IngestExamplesRequest {
         payload: Some(pb::ingest_examples_request::Payload::Config(
             pb::IngestExamplesConfig {
@@ -130,8 +127,8 @@ async fn a_killed_service_resumes_its_training_job() {
             },
         )),
     }];
-    messages.extend(examples(8));
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    messages.extend(examples(count));
+    let (tx, rx) = tokio::sync::mpsc::channel(count + 1);
     for m in messages {
         tx.send(m).await.expect("queue");
     }
@@ -146,7 +143,45 @@ async fn a_killed_service_resumes_its_training_job() {
         assert_eq!(ack.status, pb::ExampleStatus::Accepted as i32, "{ack:?}");
         accepted += 1;
     }
-    assert_eq!(accepted, 8);
+    assert_eq!(accepted, count);
+}
+
+/// Every event of a job, replayed from the start until its final one.
+async fn all_events(
+    client: &mut ModelServiceClient<tonic::transport::Channel>,
+    job_id: &str,
+) -> Vec<Event> {
+    let mut watch = client
+        .watch_training(pb::WatchTrainingRequest {
+            job_id: job_id.to_string(),
+            from_event_index: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = watch.message().await.expect("event") {
+        events.push(event.event.expect("payload"));
+    }
+    events
+}
+
+fn resumed_of(events: &[Event]) -> &pb::training_event::Resumed {
+    events
+        .iter()
+        .find_map(|e| match e {
+            Event::Resumed(r) => Some(r),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no Resumed event: {events:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_service_resumes_its_training_job() {
+    let data_root = tempfile::tempdir().expect("tempdir");
+    let (service, url) = start(data_root.path());
+    let mut client = connect(&url).await;
+    ingest_espeak(&mut client, 8).await;
 
     // 3 epochs of 2 steps; killed once the first epoch's checkpoint is saved.
     let job = client
@@ -187,25 +222,8 @@ async fn a_killed_service_resumes_its_training_job() {
 
     let (_service, url) = start(data_root.path());
     let mut client = connect(&url).await;
-    let mut watch = client
-        .watch_training(pb::WatchTrainingRequest {
-            job_id: job.id.clone(),
-            from_event_index: 0,
-        })
-        .await
-        .expect("watch after restart")
-        .into_inner();
-    let mut events = Vec::new();
-    while let Some(event) = watch.message().await.expect("event") {
-        events.push(event.event.expect("payload"));
-    }
-    let resumed = events
-        .iter()
-        .find_map(|e| match e {
-            Event::Resumed(r) => Some(r),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("no Resumed event: {events:?}"));
+    let events = all_events(&mut client, &job.id).await;
+    let resumed = resumed_of(&events);
     assert!(resumed.from_step >= 2, "{resumed:?}");
     match events.last() {
         Some(Event::JobFinished(f)) => assert_eq!(f.global_step, 6, "{f:?}"),
@@ -219,4 +237,102 @@ async fn a_killed_service_resumes_its_training_job() {
         .expect("the adapter is registered")
         .into_inner();
     assert_eq!(adapter.source_job_id, job.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_service_checkpoints_mid_epoch_and_resumes_there() {
+    let data_root = tempfile::tempdir().expect("tempdir");
+    let (mut service, url) = start(data_root.path());
+    let mut client = connect(&url).await;
+    ingest_espeak(&mut client, 8).await;
+
+    // One epoch of 8 steps: no epoch checkpoint before the end.
+    let job = client
+        .start_training(pb::StartTrainingRequest {
+            train_dataset: Some(pb::DatasetRef {
+                dataset: "espeak".into(),
+                split: String::new(),
+            }),
+            hyperparameters: Some(pb::TrainingHyperparameters {
+                epochs: 1.0,
+                per_device_batch_size: 1,
+                gradient_accumulation_steps: 1,
+                warmup_steps: Some(0),
+                logging_steps: 1,
+                ..Default::default()
+            }),
+            output_adapter: "terminated".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    let mut watch = client
+        .watch_training(pb::WatchTrainingRequest {
+            job_id: job.id.clone(),
+            from_event_index: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    while let Some(event) = watch.message().await.expect("event") {
+        if matches!(event.event, Some(Event::StepLogged(ref s)) if s.global_step >= 2) {
+            break;
+        }
+    }
+    // No open stream holds the drain.
+    drop(watch);
+    drop(client);
+    let pid = service.0.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(90), async {
+        loop {
+            if let Some(exit) = service.0.try_wait().expect("wait") {
+                return exit;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the service stops within its drain deadline");
+    assert!(exit.success(), "{exit:?}");
+    let interrupted = data_root
+        .path()
+        .join("jobs")
+        .join(&job.id)
+        .join("output/checkpoint-interrupted");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(interrupted.join("trainer_state.json")).expect("a checkpoint"),
+    )
+    .expect("state");
+    let saved_step = state["global_step"].as_u64().expect("global_step");
+    assert!((2..8).contains(&saved_step), "saved at step {saved_step}");
+
+    let (_service, url) = start(data_root.path());
+    let mut client = connect(&url).await;
+    let events = all_events(&mut client, &job.id).await;
+    let resumed = resumed_of(&events);
+    assert_eq!(
+        (resumed.checkpoint.as_str(), resumed.from_step),
+        ("checkpoint-interrupted", saved_step),
+        "{events:?}"
+    );
+    // After the resume, the steps go on from the saved one, none repeated or skipped.
+    let after: Vec<u64> = events
+        .iter()
+        .skip_while(|e| !matches!(e, Event::Resumed(_)))
+        .filter_map(|e| match e {
+            Event::StepLogged(s) => Some(s.global_step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(after, (saved_step + 1..=8).collect::<Vec<_>>());
+    match events.last() {
+        Some(Event::JobFinished(f)) => assert_eq!(f.global_step, 8, "{f:?}"),
+        other => panic!("expected JobFinished, got {other:?}"),
+    }
 }

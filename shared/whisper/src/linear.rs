@@ -698,8 +698,7 @@ mod tests {
         let _ = x.get(1).get(5).fill_(30.0);
         let _ = x.get(7).get(60).fill_(-9.5);
         let _ = x.get(4).fill_(0.0);
-        let _ = x
-            .get(9)
+        x.get(9)
             .copy_(&(Tensor::arange(80, (Kind::Float, Device::Cpu)) * 0.5 - 20.0));
         for threshold in [6.0, 0.0, 100.0] {
             let q = Int8Weight::quantize(&w, threshold);

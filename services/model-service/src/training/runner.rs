@@ -13,7 +13,8 @@ use asr_whisper::evaluation::{EvalSet, GenerationEval};
 use asr_whisper::labels::label_tokens;
 use asr_whisper::train_data::{Example, Window};
 use asr_whisper::trainer::{
-    checkpoint_dir, BestMetric, Cancelled, EpochSummary, FitOptions, LabelIds, StepLog, Trainer,
+    checkpoint_dir, checkpoint_step, interrupted_dir, BestMetric, Cancelled, EpochSummary,
+    FitOptions, LabelIds, StepLog, Suspended, Trainer,
 };
 use asr_whisper::{Adapter, LoadOptions, LoadedModel, OutputProjection, Precision};
 use tch::Device;
@@ -24,6 +25,7 @@ use crate::registry::Registry;
 use crate::store::now;
 use crate::training::jobs::{JobRecord, Jobs};
 use crate::training::spec::{DataRef, JobSpec};
+use crate::training::suspend::SuspendHandle;
 
 use pb::training_event::Event;
 
@@ -34,6 +36,7 @@ pub struct Runner {
     pub model_dir: PathBuf,
     pub device: Device,
     pub metrics: asr_runtime::metrics::Registry,
+    pub suspend: SuspendHandle,
 }
 
 impl Runner {
@@ -62,6 +65,10 @@ impl Runner {
         if record.state() != pb::TrainingJobState::Queued {
             return; // cancelled while queued
         }
+        if self.suspend.is_suspended() {
+            return; // the service is stopping: the job stays queued for the next start
+        }
+        let _busy = self.suspend.running();
         let _ = self.jobs.update(id, |r| {
             r.state = pb::TrainingJobState::Running as i32;
             r.started.get_or_insert(now());
@@ -82,6 +89,13 @@ impl Runner {
                     ..finished
                 }),
             ),
+            Err(e) if e.downcast_ref::<Suspended>().is_some() => {
+                let _ = self
+                    .jobs
+                    .update(id, |r| r.state = pb::TrainingJobState::Queued as i32);
+                tracing::info!(job = %id, global_step, "training suspended with a checkpoint; it resumes at the next start");
+                return;
+            }
             Err(e) if e.downcast_ref::<Cancelled>().is_some() => (
                 pb::TrainingJobState::Cancelled,
                 Event::JobCancelled(pb::training_event::JobCancelled { global_step }),
@@ -220,16 +234,19 @@ impl Runner {
             .div_ceil(config.grad_accum) as u64;
         let mut trainer = Trainer::new(model, adapter, config, ids, train.len())?;
         trainer.stop = Some(stop);
+        trainer.suspend = Some(self.suspend.flag());
         let output = self.jobs.dir_of(id).join("output");
-        if let Some(epoch) = latest_checkpoint(&output) {
-            let dir = checkpoint_dir(&output, epoch);
+        if let Some(dir) = resume_point(&output) {
             trainer
                 .resume(&dir)
                 .with_context(|| format!("resuming from {}", dir.display()))?;
             self.jobs.push_event(
                 id,
                 Event::Resumed(pb::training_event::Resumed {
-                    checkpoint: format!("checkpoint-epoch-{epoch}"),
+                    checkpoint: dir
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
                     from_step: trainer.state.global_step as u64,
                 }),
             )?;
@@ -335,7 +352,22 @@ impl Runner {
             generation: generation_eval,
             ..FitOptions::new(self.model_dir.display().to_string())
         };
-        let fit = trainer.fit(&train, &evals, &output, &options, on_step, on_epoch)?;
+        let fit = match trainer.fit(&train, &evals, &output, &options, on_step, on_epoch) {
+            Err(e) if e.downcast_ref::<Suspended>().is_some() => {
+                let _ = self.jobs.push_event(
+                    id,
+                    Event::CheckpointSaved(pb::training_event::CheckpointSaved {
+                        global_step: trainer.state.global_step as u64,
+                        name: "checkpoint-interrupted".into(),
+                        path: interrupted_dir(&output).display().to_string(),
+                        is_best: false,
+                        metric: None,
+                    }),
+                );
+                return Err(e);
+            }
+            other => other?,
+        };
         let adapter_dir = output.join("adapter");
         if !adapter_dir.join("adapter_config.json").exists() {
             trainer
@@ -365,6 +397,19 @@ impl Runner {
             train_runtime_seconds: 0.0,
         })
     }
+}
+
+/// Where a job continues from: the checkpoint under `output` with the most steps, the
+/// mid-epoch `checkpoint-interrupted` of a suspended run included.
+fn resume_point(output: &std::path::Path) -> Option<PathBuf> {
+    let epoch = latest_checkpoint(output).map(|epoch| checkpoint_dir(output, epoch));
+    let interrupted = Some(interrupted_dir(output)).filter(|dir| dir.exists());
+    [epoch, interrupted]
+        .into_iter()
+        .flatten()
+        .filter_map(|dir| Some((checkpoint_step(&dir)?, dir)))
+        .max_by_key(|(step, _)| *step)
+        .map(|(_, dir)| dir)
 }
 
 /// The latest `checkpoint-epoch-N` under `output`.

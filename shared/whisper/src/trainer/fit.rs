@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use super::{Example, StepLog, Trainer};
+use super::{Example, StepLog, Suspended, Trainer};
 use crate::evaluation::{EvalSet, GenerationEval};
 
 /// What `load_best_model_at_end` compares, on the first eval set (lower is better for both).
@@ -129,13 +129,20 @@ impl Trainer<'_> {
             "choosing the best checkpoint by CER needs evaluation by generation"
         );
         loop {
-            let before = self.state.log.len();
             let started = Instant::now();
-            if !self.train_epoch(train, &mut on_step)? {
-                break;
+            match self.train_epoch(train, &mut on_step) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) if e.downcast_ref::<Suspended>().is_some() => {
+                    self.save_checkpoint(&interrupted_dir(output), &options.base_model)?;
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
             }
+            // After a mid-epoch resume this times only the steps since.
             let seconds = started.elapsed().as_secs_f64();
-            let epoch_logs = &self.state.log[before..];
+            let epoch_logs =
+                &self.state.log[self.state.epoch_log_start.min(self.state.log.len())..];
             let train_loss =
                 epoch_logs.iter().map(|l| l.loss).sum::<f64>() / epoch_logs.len().max(1) as f64;
             let samples = (epoch_logs.len() * self.config.batch_size * self.config.grad_accum)
@@ -156,6 +163,12 @@ impl Trainer<'_> {
                 &checkpoint_dir(output, self.state.epochs_done),
                 &options.base_model,
             )?;
+            // Superseded by the epoch's checkpoint.
+            let interrupted = interrupted_dir(output);
+            if interrupted.exists() {
+                std::fs::remove_dir_all(&interrupted)
+                    .with_context(|| format!("removing {}", interrupted.display()))?;
+            }
             let best = best_epoch(&self.state.epochs, options.metric_for_best);
             if let Some(limit) = options.save_total_limit {
                 let saved: Vec<usize> = self.state.epochs.iter().map(|s| s.epoch).collect();
@@ -188,6 +201,18 @@ impl Trainer<'_> {
 /// `<output>/checkpoint-epoch-N`.
 pub fn checkpoint_dir(output: &Path, epoch: usize) -> PathBuf {
     output.join(format!("checkpoint-epoch-{epoch}"))
+}
+
+/// `<output>/checkpoint-interrupted`: the mid-epoch checkpoint of a suspended run.
+pub fn interrupted_dir(output: &Path) -> PathBuf {
+    output.join("checkpoint-interrupted")
+}
+
+/// The optimiser step a checkpoint directory holds, if it holds a complete one.
+pub fn checkpoint_step(dir: &Path) -> Option<i64> {
+    let text = std::fs::read_to_string(dir.join(super::STATE_FILE)).ok()?;
+    let state: super::TrainerState = serde_json::from_str(&text).ok()?;
+    Some(state.global_step)
 }
 
 /// Which of the `saved` epochs (oldest first) to delete, as HF's `save_total_limit` with

@@ -24,8 +24,8 @@ pub use crate::train_data::Example;
 
 mod fit;
 pub use fit::{
-    checkpoint_dir, checkpoints_to_prune, BestMetric, EpochSummary, EvalResult, FitOptions,
-    FitSummary,
+    checkpoint_dir, checkpoint_step, checkpoints_to_prune, interrupted_dir, BestMetric,
+    EpochSummary, EvalResult, FitOptions, FitSummary,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -113,6 +113,13 @@ pub struct TrainerState {
     /// Optimiser steps skipped because fp16 gradients overflowed.
     #[serde(default)]
     pub skipped_steps: i64,
+    /// Optimiser steps done in the epoch under way: a checkpoint saved mid-epoch (see
+    /// [`Trainer::suspend`]) resumes after them, in the same data order.
+    #[serde(default)]
+    pub windows_done: usize,
+    /// Index in `log` of the epoch under way's first step.
+    #[serde(default)]
+    pub epoch_log_start: usize,
 }
 
 /// Token ids the collator needs.
@@ -132,6 +139,9 @@ pub struct Trainer<'a> {
     pub state: TrainerState,
     /// Set from another thread to stop before the next optimiser step ([`Cancelled`]).
     pub stop: Option<Arc<AtomicBool>>,
+    /// Set from another thread to stop before the next optimiser step so that training can
+    /// continue later ([`Suspended`]; `fit` keeps a mid-epoch checkpoint first).
+    pub suspend: Option<Arc<AtomicBool>>,
 }
 
 /// Training was stopped through [`Trainer::stop`]; the state is that of the last completed
@@ -146,6 +156,23 @@ impl std::fmt::Display for Cancelled {
 }
 
 impl std::error::Error for Cancelled {}
+
+/// Training was stopped through [`Trainer::suspend`] to be resumed later; `fit` saved the
+/// state of the last completed step in [`fit::interrupted_dir`] first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Suspended;
+
+impl std::fmt::Display for Suspended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("training suspended")
+    }
+}
+
+impl std::error::Error for Suspended {}
+
+fn flag_set(flag: &Option<Arc<AtomicBool>>) -> bool {
+    flag.as_ref().is_some_and(|f| f.load(Ordering::Relaxed))
+}
 
 const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -191,6 +218,7 @@ impl<'a> Trainer<'a> {
                 ..Default::default()
             },
             stop: None,
+            suspend: None,
         })
     }
 
@@ -230,13 +258,16 @@ impl<'a> Trainer<'a> {
         let order = shuffled(examples.len(), self.config.seed ^ (epoch as u64 + 1));
         let batches: Vec<&[usize]> = order.chunks(self.config.batch_size).collect();
         let device = self.model.encoder.device();
-        for (window_index, window) in batches.chunks(self.config.grad_accum).enumerate() {
-            if self
-                .stop
-                .as_ref()
-                .is_some_and(|s| s.load(Ordering::Relaxed))
-            {
+        if self.state.windows_done == 0 {
+            self.state.epoch_log_start = self.state.log.len();
+        }
+        let windows = batches.chunks(self.config.grad_accum).enumerate();
+        for (window_index, window) in windows.skip(self.state.windows_done) {
+            if flag_set(&self.stop) {
                 return Err(Cancelled.into());
+            }
+            if flag_set(&self.suspend) {
+                return Err(Suspended.into());
             }
             let started = std::time::Instant::now();
             let mut loss_sum = 0.0;
@@ -286,10 +317,12 @@ impl<'a> Trainer<'a> {
             };
             on_step(&log);
             self.state.log.push(log);
+            self.state.windows_done = window_index + 1;
             if self.finished() {
                 break;
             }
         }
+        self.state.windows_done = 0;
         self.state.epochs_done += 1;
         Ok(true)
     }
@@ -340,8 +373,34 @@ impl<'a> Trainer<'a> {
         Ok(label_loss(&logits, &labels.labels.to_device(device)))
     }
 
-    /// Writes the adapter (PEFT layout), the optimiser state and the trainer state to `dir`.
+    /// Writes the adapter (PEFT layout), the optimiser state and the trainer state to `dir`,
+    /// atomically: into a sibling staging directory, synced, then renamed into place (a
+    /// process killed meanwhile leaves the old checkpoint or none, never half of one).
     pub fn save_checkpoint(&self, dir: &Path, base_model: &str) -> anyhow::Result<()> {
+        let name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("a checkpoint directory needs a name")?;
+        let staging = dir.with_file_name(format!(".{name}.partial"));
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging)?;
+        }
+        self.write_checkpoint_files(&staging, base_model)?;
+        for entry in std::fs::read_dir(&staging)? {
+            std::fs::File::open(entry?.path())?.sync_all()?;
+        }
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
+        std::fs::rename(&staging, dir)
+            .with_context(|| format!("moving the checkpoint into {}", dir.display()))?;
+        if let Some(parent) = dir.parent() {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    fn write_checkpoint_files(&self, dir: &Path, base_model: &str) -> anyhow::Result<()> {
         self.adapter.save_peft(dir, base_model)?;
         let state: Vec<(String, Tensor)> = self
             .optimizer
