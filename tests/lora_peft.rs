@@ -408,14 +408,14 @@ fn resumed_training_equals_uninterrupted_training() {
     let (mut model, adapter) = fresh();
     let mut straight =
         Trainer::new(&mut model, adapter, train_config.clone(), ids, 8).expect("trainer");
-    let eval_before = straight.evaluate(&examples).expect("eval");
-    straight.train_epoch(&examples, |_| {}).expect("epoch 1");
+    let eval_before = straight.evaluate(examples).expect("eval");
+    straight.train_epoch(examples, |_| {}).expect("epoch 1");
     straight
         .save_checkpoint(&checkpoint, "tiny-random-whisper")
         .expect("checkpoint");
-    straight.train_epoch(&examples, |_| {}).expect("epoch 2");
-    assert!(!straight.train_epoch(&examples, |_| {}).expect("done"));
-    let eval_after = straight.evaluate(&examples).expect("eval");
+    straight.train_epoch(examples, |_| {}).expect("epoch 2");
+    assert!(!straight.train_epoch(examples, |_| {}).expect("done"));
+    let eval_after = straight.evaluate(examples).expect("eval");
     println!("eval loss {eval_before:.4} before training, {eval_after:.4} after");
     assert!(
         eval_after < eval_before,
@@ -428,7 +428,7 @@ fn resumed_training_equals_uninterrupted_training() {
     let mut resumed = Trainer::new(&mut model, adapter, train_config, ids, 8).expect("trainer");
     resumed.resume(&checkpoint).expect("resume");
     assert_eq!(resumed.state.global_step, 2);
-    resumed.train_epoch(&examples, |_| {}).expect("epoch 2");
+    resumed.train_epoch(examples, |_| {}).expect("epoch 2");
     let resumed_log = resumed.state.log.clone();
 
     for log in &straight_log {
