@@ -2,8 +2,9 @@
 //! ingests a dataset and then while it trains on one. After every restart:
 //! - every example it acknowledged is in the dataset, its window whole (the store's own
 //!   loader, which drops torn log lines and windows of the wrong size, finds them all);
-//! - every checkpoint it reported (CheckpointSaved) is on disk and readable;
-//! and in the end the dataset is complete and the job finishes with its adapter registered.
+//! - every checkpoint it reported (CheckpointSaved) is on disk and readable.
+//!
+//! In the end the dataset is complete and the job finishes with its adapter registered.
 //!
 //! ASR_KILLS_PER_PHASE (default 10, so 20 kills in all) and ASR_KILL_SEED (default: the
 //! clock, printed) repeat or lengthen a run.
