@@ -165,7 +165,7 @@ fn write_windows(dir: &Path, windows: &[Vec<f32>]) -> anyhow::Result<Vec<PathBuf
 }
 
 /// A 16 kHz mono float32 wav, so the reference reads exactly our samples.
-fn wav_f32(samples: &[f32]) -> Vec<u8> {
+pub(super) fn wav_f32(samples: &[f32]) -> Vec<u8> {
     let data_len = (samples.len() * 4) as u32;
     let mut out = Vec::with_capacity(44 + data_len as usize);
     out.extend_from_slice(b"RIFF");

@@ -3,6 +3,8 @@
 
 mod features;
 mod services;
+mod soak;
+mod spawn;
 mod train;
 mod train_speed;
 mod transcribe;
@@ -23,6 +25,10 @@ pub enum BenchCommand {
     /// Transcription through both services with 1, 4 and 8 concurrent clients, against the
     /// in-process path: throughput, latency, the cost of the hops, the gain from batching.
     Services(services::ServicesBenchArgs),
+    /// Soak and load: many concurrent streams through both services for minutes, mixed clip
+    /// lengths, clients that cancel or send bad input; errors by code, latency percentiles,
+    /// overload refusals, and each service's RSS over time.
+    Soak(soak::SoakArgs),
     /// LoRA training: ours (int8 base) vs HF PEFT (fp32) on the espeak training split, with
     /// CER before and after.
     Train(train::TrainBenchArgs),
@@ -39,6 +45,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Features(args) => features::run(args),
         BenchCommand::Transcribe(args) => transcribe::run(args),
         BenchCommand::Services(args) => services::run(args),
+        BenchCommand::Soak(args) => soak::run(args),
         BenchCommand::Train(args) => train::run_bench(args),
         BenchCommand::TrainSpeed(args) => train_speed::run(args),
         BenchCommand::TranscribeWorker(args) => transcribe::worker(args),

@@ -4,9 +4,7 @@
 //! seconds per second, latency to the final result, the cost of the two gRPC hops, and the
 //! gain from batching. The services are this build's binaries, started on loopback.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +17,8 @@ use asr_whisper::{DecodeOptions, LoadOptions, LoadedModel, Precision};
 use clap::Args;
 use pb::feature_service_client::FeatureServiceClient;
 use pb::transcribe_audio_request::Payload;
+
+use super::spawn::start;
 
 #[derive(Args)]
 pub struct ServicesBenchArgs {
@@ -37,45 +37,6 @@ pub struct ServicesBenchArgs {
 struct Clip {
     bytes: Vec<u8>,
     seconds: f64,
-}
-
-/// A child service, killed when dropped.
-struct Service(Child);
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts a sibling binary on 127.0.0.1:0 and returns it with the address it logged.
-fn start(binary: &str, args: &[&str]) -> anyhow::Result<(Service, String)> {
-    let dir = std::env::current_exe()?
-        .parent()
-        .map(Path::to_path_buf)
-        .context("the asr binary has no directory")?;
-    let mut child = Command::new(dir.join(binary))
-        .args(args)
-        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {} (build it with cargo build --release)", binary))?;
-    let stderr = child.stderr.take().context("stderr")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) {
-                if let Some(addr) = entry["fields"]["address"].as_str() {
-                    let _ = tx.send(addr.to_string());
-                }
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .with_context(|| format!("{binary} did not start"))?;
-    Ok((Service(child), format!("http://{addr}")))
 }
 
 fn options() -> pb::TranscriptionOptions {
