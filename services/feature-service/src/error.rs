@@ -101,6 +101,7 @@ impl From<FeatureError> for Status {
                 }
                 AudioError::InvalidMelCount(_) => bad_request("config.n_mels", message),
                 AudioError::NonFiniteSample { .. }
+                | AudioError::SampleOutOfRange { .. }
                 | AudioError::TruncatedPcm { .. }
                 | AudioError::UnrecognisedContainer(_)
                 | AudioError::NoAudioTrack(_)

@@ -159,7 +159,7 @@ async fn read_config(
 }
 
 /// Validates `config.default_format`, with errors naming its fields.
-fn default_format(
+pub fn default_format(
     format: Option<pb::AudioFormat>,
 ) -> Result<(InputFormat, ByteLayout), FeatureError> {
     convert::input_format(format).map_err(|err| {

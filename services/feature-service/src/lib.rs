@@ -32,4 +32,8 @@ use asr_runtime::trace_context;
 
 pub use config::FeatureServiceConfig;
 pub use error::FeatureError;
+/// Validation that lives in private modules, reachable by the fuzz targets
+/// (`shared/fuzz-targets`); not an API.
+#[doc(hidden)]
+pub use ingest_relay::default_format as ingest_default_format;
 pub use server::{serve, FeatureServer};

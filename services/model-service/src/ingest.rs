@@ -158,33 +158,7 @@ pub async fn open(
         Some(_) => return Err(ModelError::ConfigNotFirst),
         None => return Err(ModelError::MissingConfig),
     };
-    validate_name(&config.dataset, "config.dataset")?;
-    let n_mels = if config.n_mels == 0 {
-        80
-    } else {
-        config.n_mels as usize
-    };
-    if n_mels != context.model.n_mels {
-        return Err(ModelError::invalid(
-            "config.n_mels",
-            format!(
-                "{n_mels}: this model takes {} mel bins",
-                context.model.n_mels
-            ),
-        ));
-    }
-    let split = if config.split.is_empty() {
-        "train".to_string()
-    } else {
-        config.split.clone()
-    };
-    validate_name(&split, "config.split")?;
-    if !config.language.is_empty() && !context.model.languages.contains(&config.language) {
-        return Err(ModelError::invalid(
-            "config.language",
-            format!("{:?} is not a language this model knows", config.language),
-        ));
-    }
+    let (n_mels, split) = check_config(&config, &context.model)?;
     let mode = pb::IngestMode::try_from(config.mode).unwrap_or(pb::IngestMode::Unspecified);
     let store = context.store.clone();
     let table = context.ingesting.clone();
@@ -232,6 +206,39 @@ pub async fn open(
     .await
     .map_err(ModelError::internal)??;
     Ok((split, guard))
+}
+
+/// The config's checks that need no store (dataset name, n_mels, default split, language):
+/// returns the stream's n_mels and default split.
+pub fn check_config(
+    config: &pb::IngestExamplesConfig,
+    model: &ModelDescription,
+) -> Result<(usize, String), ModelError> {
+    validate_name(&config.dataset, "config.dataset")?;
+    let n_mels = if config.n_mels == 0 {
+        80
+    } else {
+        config.n_mels as usize
+    };
+    if n_mels != model.n_mels {
+        return Err(ModelError::invalid(
+            "config.n_mels",
+            format!("{n_mels}: this model takes {} mel bins", model.n_mels),
+        ));
+    }
+    let split = if config.split.is_empty() {
+        "train".to_string()
+    } else {
+        config.split.clone()
+    };
+    validate_name(&split, "config.split")?;
+    if !config.language.is_empty() && !model.languages.contains(&config.language) {
+        return Err(ModelError::invalid(
+            "config.language",
+            format!("{:?} is not a language this model knows", config.language),
+        ));
+    }
+    Ok((n_mels, split))
 }
 
 /// Checks an existing dataset against an appending stream's config, and records a new

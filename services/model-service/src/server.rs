@@ -154,9 +154,10 @@ impl ModelServer {
             .count_rpc("asr_model_requests_total", rpc, result);
     }
 
-    /// MergeAdapters' inputs checked: (directory, weight) each, and their common base model.
-    fn merge_inputs(
-        &self,
+    /// MergeAdapters' inputs checked against `registry`: (directory, weight) each, and their
+    /// common base model. Public for the fuzz targets (`shared/fuzz-targets`).
+    pub fn merge_inputs(
+        registry: &Registry,
         request: &pb::MergeAdaptersRequest,
     ) -> Result<(Vec<(std::path::PathBuf, f64)>, String), ModelError> {
         if request.adapters.is_empty() {
@@ -166,7 +167,7 @@ impl ModelServer {
             ));
         }
         validate_name(&request.output_name, "output_name")?;
-        if self.registry.exists(&request.output_name) {
+        if registry.exists(&request.output_name) {
             return Err(ModelError::AlreadyExists {
                 what: "adapter",
                 name: request.output_name.clone(),
@@ -190,7 +191,7 @@ impl ModelServer {
                     format!("{weight} is not finite"),
                 ));
             }
-            let stored = self.registry.get(&input.name)?;
+            let stored = registry.get(&input.name)?;
             match &base_model {
                 Some(base) if *base != stored.info.base_model => {
                     return Err(ModelError::FailedPrecondition(format!(
@@ -847,7 +848,7 @@ impl ModelService for ModelServer {
         let result: RpcResult<pb::AdapterInfo> = async {
             let request = request.into_inner();
             let engine = self.engine()?;
-            let (inputs, base_model) = self.merge_inputs(&request)?;
+            let (inputs, base_model) = Self::merge_inputs(&self.registry, &request)?;
             let combination = match pb::AdapterCombination::try_from(request.combination) {
                 Ok(pb::AdapterCombination::Unspecified | pb::AdapterCombination::Linear) => {
                     Combination::Linear

@@ -141,8 +141,17 @@ impl EncodedDecoder {
             if channels == 0 {
                 return Err(AudioError::Decode("decoded packet has no channels".into()));
             }
-            self.decoded_frames += decoded.frames() as u64;
             decoded.copy_to_vec_interleaved(&mut self.packet_buf);
+            // Float codecs (wav, aiff) carry NaN and inf as they are: refused as for raw PCM.
+            if let Some(pos) = self.packet_buf.iter().position(|v| !v.is_finite()) {
+                return Err(AudioError::Decode(format!(
+                    "{} sample {} is not finite ({})",
+                    self.codec,
+                    self.decoded_frames * u64::from(channels) + pos as u64,
+                    self.packet_buf[pos]
+                )));
+            }
+            self.decoded_frames += decoded.frames() as u64;
             out.extend_from_slice(&self.packet_buf);
             return Ok(Some(channels));
         }

@@ -31,6 +31,8 @@ pub enum AudioError {
     TooLong { limit_seconds: f64 },
     #[error("audio source failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error("sample {index} is {value}: samples must be finite and within +-{max:e}")]
+    SampleOutOfRange { index: u64, value: f32, max: f32 },
     #[error("resampler failed: {0}")]
     Resample(String),
     #[error("the consumer of the frames went away")]

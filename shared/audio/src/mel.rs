@@ -123,7 +123,9 @@ impl MelFilterBank {
                 .zip(&power[*first..])
                 .map(|(w, p)| w * p)
                 .sum();
-            *slot = (energy.max(POWER_FLOOR) as f32).log10();
+            // Clamped to f32's range: finite but huge samples (float wav, f32 PCM) would
+            // otherwise give an infinite frame.
+            *slot = (energy.clamp(POWER_FLOOR, f64::from(f32::MAX)) as f32).log10();
         }
     }
 }

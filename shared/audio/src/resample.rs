@@ -27,7 +27,11 @@
 use rubato::audioadapter_buffers::direct::InterleavedSlice;
 use rubato::{Fft, FixedSync, Indexing, Resampler, WindowFunction};
 
+use crate::format::{MAX_SAMPLE_RATE, MIN_SAMPLE_RATE};
 use crate::{AudioError, SAMPLE_RATE};
+
+/// Largest sample magnitude the resampler takes (see [`Resampler16k::push`]).
+const MAX_ABS_SAMPLE: f32 = 1e18;
 
 /// Streaming resampler from `source_rate` to 16 kHz (a pass-through at 16 kHz).
 pub struct Resampler16k {
@@ -57,7 +61,15 @@ impl DelayTrimmer {
 }
 
 impl Resampler16k {
+    /// Refuses rates outside the raw PCM range: rate 0 has no FFT block (a division by
+    /// zero), and a rate of billions would size its block in gigabytes.
     pub fn new(source_rate: u32) -> Result<Self, AudioError> {
+        if !(MIN_SAMPLE_RATE..=MAX_SAMPLE_RATE).contains(&source_rate) {
+            return Err(AudioError::InvalidSampleRate {
+                got: source_rate,
+                max: MAX_SAMPLE_RATE,
+            });
+        }
         let inner = if source_rate == SAMPLE_RATE {
             None
         } else {
@@ -100,6 +112,18 @@ impl Resampler16k {
 
     /// Resamples `mono`, appending the 16 kHz samples that are ready to `out`.
     pub fn push(&mut self, mono: &[f32], out: &mut Vec<f32>) -> Result<(), AudioError> {
+        // rubato panics (an unwrap in its inverse FFT) on NaN, and on sums that overflow to
+        // inf: refuse such samples instead. Within +-1e18, no FFT sum reaches f32's range.
+        if let Some(pos) = mono
+            .iter()
+            .position(|v| v.is_nan() || v.abs() > MAX_ABS_SAMPLE)
+        {
+            return Err(AudioError::SampleOutOfRange {
+                index: self.input_total + pos as u64,
+                value: mono[pos],
+                max: MAX_ABS_SAMPLE,
+            });
+        }
         self.input_total += mono.len() as u64;
         let Some(resampler) = self.inner.as_mut() else {
             out.extend_from_slice(mono);

@@ -1,0 +1,2 @@
+
+espeak-demo

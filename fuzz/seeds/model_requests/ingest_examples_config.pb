@@ -1,0 +1,3 @@
+
+
+espeakP"train*zh2seed

@@ -1,0 +1,2 @@
+
+importedpeft/adapter
