@@ -51,6 +51,10 @@ pub struct ModelServiceConfig {
     /// Windows of one stream decoding at once (after its language is known).
     #[arg(long, env = "ASR_WINDOWS_IN_FLIGHT", default_value_t = 4)]
     pub windows_in_flight: usize,
+    /// Examples one dataset may hold; an IngestExamples stream that would go past it ends
+    /// with RESOURCE_EXHAUSTED (what was acknowledged stays).
+    #[arg(long, env = "ASR_MAX_DATASET_EXAMPLES", default_value_t = 1_000_000)]
+    pub max_dataset_examples: usize,
     /// Adapters held in memory at once.
     #[arg(long, env = "ASR_MAX_LOADED_ADAPTERS", default_value_t = 8)]
     pub max_loaded_adapters: usize,
@@ -86,6 +90,7 @@ impl Default for ModelServiceConfig {
             max_batch_windows: 8,
             windows_in_flight: 4,
             max_loaded_adapters: 8,
+            max_dataset_examples: 1_000_000,
             max_queued_jobs: 16,
             metrics_listen: None,
             max_audio_seconds: 4.0 * 3600.0,

@@ -217,10 +217,12 @@ pub struct Appender {
     ids: HashSet<String>,
     next_index: u64,
     log: std::fs::File,
+    max_examples: usize,
 }
 
 impl Appender {
-    pub fn new(dataset: Dataset) -> Result<Self, ModelError> {
+    /// Appends to `dataset` until it holds `max_examples`.
+    pub fn new(dataset: Dataset, max_examples: usize) -> Result<Self, ModelError> {
         let log_path = dataset.dir.join(LOG_FILE);
         // Rewrite the log without a torn tail before appending to it.
         let mut clean = String::new();
@@ -243,6 +245,7 @@ impl Appender {
                 .unwrap_or(0),
             dataset,
             log,
+            max_examples,
         })
     }
 
@@ -266,6 +269,14 @@ impl Appender {
                 R::DuplicateId,
                 format!("the dataset already holds {id:?}"),
             )));
+        }
+        // Full: the stream ends (RESOURCE_EXHAUSTED) with what was acknowledged kept.
+        if self.dataset.examples.len() >= self.max_examples {
+            return Err(ModelError::LimitReached {
+                limit: "max_dataset_examples",
+                value: self.max_examples.to_string(),
+                hint: "the dataset is full; store further examples in another dataset",
+            });
         }
         if example.text.trim().is_empty() {
             return Ok(Err(reject(R::EmptyText, "empty transcript")));
@@ -369,5 +380,49 @@ mod tests {
             "nothing written outside"
         );
         assert!(victim.join(META_FILE).exists());
+    }
+
+    fn example(id: &str) -> pb::DatasetExample {
+        pb::DatasetExample {
+            id: id.into(),
+            text: "你好".into(),
+            features: Some(pb::MelFrames {
+                n_mels: 80,
+                first_frame_index: 0,
+                frame_count: 10,
+                values: vec![-1.0; 800],
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A full dataset refuses the next example with RESOURCE_EXHAUSTED naming the limit;
+    /// duplicates are still named as such, and what was stored stays.
+    #[test]
+    fn a_full_dataset_names_its_limit() {
+        let data = tempfile::tempdir().unwrap();
+        let store = DatasetStore::open(data.path()).unwrap();
+        let dataset = store.create("small", 80, "zh", "").unwrap();
+        let mut appender = Appender::new(dataset, 2).unwrap();
+        for id in ["a", "b"] {
+            assert!(appender
+                .append(example(id), "train", |_| Ok(()))
+                .unwrap()
+                .is_ok());
+        }
+        let duplicate = appender.append(example("a"), "train", |_| Ok(())).unwrap();
+        assert!(matches!(duplicate, Err(ref r) if r.reason == pb::RejectionReason::DuplicateId));
+        let full = appender
+            .append(example("c"), "train", |_| Ok(()))
+            .err()
+            .expect("full");
+        let status = tonic::Status::from(full);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("max_dataset_examples"),
+            "{}",
+            status.message()
+        );
+        assert_eq!(store.get("small").unwrap().examples.len(), 2);
     }
 }

@@ -143,6 +143,8 @@ pub struct IngestContext {
     pub model: Arc<ModelDescription>,
     pub labels: Arc<LabelChecker>,
     pub ingesting: Ingesting,
+    /// Examples one dataset may hold (`--max-dataset-examples`).
+    pub max_dataset_examples: usize,
 }
 
 /// Validates the config, opens or creates the dataset, and returns the appender with the
@@ -162,6 +164,7 @@ pub async fn open(
     let mode = pb::IngestMode::try_from(config.mode).unwrap_or(pb::IngestMode::Unspecified);
     let store = context.store.clone();
     let table = context.ingesting.clone();
+    let max_examples = context.max_dataset_examples;
     let name = config.dataset.clone();
     let guard = tokio::task::spawn_blocking(move || {
         table.join(&name, |live| match live {
@@ -199,7 +202,7 @@ pub async fn open(
                         dataset
                     }
                 };
-                Appender::new(dataset).map(Some)
+                Appender::new(dataset, max_examples).map(Some)
             }
         })
     })

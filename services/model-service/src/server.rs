@@ -451,6 +451,7 @@ impl ModelService for ModelServer {
                 model,
                 labels: labels.clone(),
                 ingesting: self.ingesting.clone(),
+                max_dataset_examples: self.config.max_dataset_examples,
             };
             let deadline = asr_runtime::deadline::of(request.metadata());
             let mut inbound = request.into_inner();
