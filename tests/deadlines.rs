@@ -28,6 +28,20 @@ fn zh() -> pb::TranscriptionOptions {
     }
 }
 
+/// A request stream that sends `messages`, then stays open as long as the returned sender
+/// lives, with the test's deadline.
+async fn held_open<T: Send + 'static>(
+    messages: Vec<T>,
+) -> (mpsc::Sender<T>, tonic::Request<ReceiverStream<T>>) {
+    let (tx, rx) = mpsc::channel(messages.len().max(1));
+    for message in messages {
+        tx.send(message).await.expect("queued");
+    }
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request.set_timeout(DEADLINE);
+    (tx, request)
+}
+
 /// Waits for the stream's end (failing rather than hanging when it never comes); returns its
 /// status and when it came.
 async fn end_of<T>(mut stream: tonic::Streaming<T>) -> (tonic::Status, Instant) {
@@ -68,24 +82,18 @@ async fn deadlines_end_streams_through_both_hops_and_free_the_work() {
     let clip = std::fs::read(&test_clips(1)[0].path).expect("clip");
 
     // A live source that stops sending but never ends its stream.
-    let (audio_tx, audio_rx) = mpsc::channel(4);
-    audio_tx
-        .send(pb::TranscribeAudioRequest {
+    let (audio_tx, request) = held_open(vec![
+        pb::TranscribeAudioRequest {
             payload: Some(Payload::Config(pb::TranscribeAudioConfig {
                 format: None,
                 options: Some(zh()),
             })),
-        })
-        .await
-        .unwrap();
-    audio_tx
-        .send(pb::TranscribeAudioRequest {
+        },
+        pb::TranscribeAudioRequest {
             payload: Some(Payload::Audio(clip[..clip.len() / 2].to_vec())),
-        })
-        .await
-        .unwrap();
-    let mut request = tonic::Request::new(ReceiverStream::new(audio_rx));
-    request.set_timeout(DEADLINE);
+        },
+    ])
+    .await;
     let started = Instant::now();
     let stream = client
         .transcribe(request)
@@ -130,20 +138,15 @@ async fn deadlines_end_streams_through_both_hops_and_free_the_work() {
     let mut model_client = ModelServiceClient::connect(model.url())
         .await
         .expect("connect");
-    let (frames_tx, frames_rx) = mpsc::channel(1);
-    frames_tx
-        .send(pb::TranscribeFramesRequest {
-            payload: Some(pb::transcribe_frames_request::Payload::Config(
-                pb::TranscribeFramesConfig {
-                    options: Some(zh()),
-                    n_mels: 80,
-                },
-            )),
-        })
-        .await
-        .unwrap();
-    let mut request = tonic::Request::new(ReceiverStream::new(frames_rx));
-    request.set_timeout(DEADLINE);
+    let (frames_tx, request) = held_open(vec![pb::TranscribeFramesRequest {
+        payload: Some(pb::transcribe_frames_request::Payload::Config(
+            pb::TranscribeFramesConfig {
+                options: Some(zh()),
+                n_mels: 80,
+            },
+        )),
+    }])
+    .await;
     let started = Instant::now();
     let stream = model_client
         .transcribe(request)

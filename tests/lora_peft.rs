@@ -325,6 +325,34 @@ fn merged_adapter_gives_the_attached_logits() {
     );
 }
 
+/// A resumed run took the same steps (epochs included), with the same losses (within 1e-6),
+/// to the same final adapter as the run never stopped.
+fn assert_same_run(
+    straight_log: &[asr_whisper::trainer::StepLog],
+    straight_final: &[Tensor],
+    resumed: &asr_whisper::trainer::Trainer,
+) {
+    let resumed_log = &resumed.state.log;
+    assert_eq!(straight_log.len(), resumed_log.len());
+    for (a, b) in straight_log.iter().zip(resumed_log) {
+        assert_eq!((a.step, a.epoch), (b.step, b.epoch));
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-6 * a.loss.abs().max(1.0),
+            "step {}: loss {} straight vs {} resumed",
+            a.step,
+            a.loss,
+            b.loss
+        );
+    }
+    let worst = straight_final
+        .iter()
+        .zip(resumed.adapter().trainable_tensors())
+        .map(|(a, b)| max_abs(a, &b))
+        .fold(0.0, f64::max);
+    println!("resumed vs straight: final adapter max |diff| {worst:.2e}");
+    assert!(worst <= 1e-6, "final adapters differ by {worst}");
+}
+
 /// What the resume tests share: the tiny model, 8 examples, batch 2, accumulation 2 (2
 /// optimiser steps per epoch), 2 epochs.
 struct ResumeSetup {
@@ -372,6 +400,16 @@ impl ResumeSetup {
         }
     }
 
+    /// A trainer of `model` with `adapter` on the 8 examples.
+    fn trainer<'a>(
+        &self,
+        model: &'a mut Whisper,
+        adapter: Adapter,
+    ) -> asr_whisper::trainer::Trainer<'a> {
+        asr_whisper::trainer::Trainer::new(model, adapter, self.train_config.clone(), self.ids, 8)
+            .expect("trainer")
+    }
+
     /// The int8 model and a freshly initialised adapter, the same every time.
     fn fresh(&self) -> (Whisper, Adapter) {
         let mut model = Whisper::load(
@@ -393,21 +431,13 @@ impl ResumeSetup {
 /// (tiny model, 8 examples, batch 2, accumulation 2: 2 optimiser steps per epoch).
 #[test]
 fn resumed_training_equals_uninterrupted_training() {
-    use asr_whisper::trainer::Trainer;
     let _training = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
     let setup = ResumeSetup::new();
-    let (f, examples, ids, train_config) = (
-        &setup.f,
-        &setup.examples,
-        setup.ids,
-        setup.train_config.clone(),
-    );
-    let fresh = || setup.fresh();
-    let checkpoint = f.dir.path().join("checkpoint-epoch-1");
+    let examples = &setup.examples;
+    let checkpoint = setup.f.dir.path().join("checkpoint-epoch-1");
 
-    let (mut model, adapter) = fresh();
-    let mut straight =
-        Trainer::new(&mut model, adapter, train_config.clone(), ids, 8).expect("trainer");
+    let (mut model, adapter) = setup.fresh();
+    let mut straight = setup.trainer(&mut model, adapter);
     let eval_before = straight.evaluate(examples).expect("eval");
     straight.train_epoch(examples, |_| {}).expect("epoch 1");
     straight
@@ -424,12 +454,11 @@ fn resumed_training_equals_uninterrupted_training() {
     let straight_log = straight.state.log.clone();
     let straight_final = straight.adapter().trainable_tensors();
 
-    let (mut model, adapter) = fresh();
-    let mut resumed = Trainer::new(&mut model, adapter, train_config, ids, 8).expect("trainer");
+    let (mut model, adapter) = setup.fresh();
+    let mut resumed = setup.trainer(&mut model, adapter);
     resumed.resume(&checkpoint).expect("resume");
     assert_eq!(resumed.state.global_step, 2);
     resumed.train_epoch(examples, |_| {}).expect("epoch 2");
-    let resumed_log = resumed.state.log.clone();
 
     for log in &straight_log {
         println!(
@@ -438,24 +467,7 @@ fn resumed_training_equals_uninterrupted_training() {
         );
     }
     assert_eq!(straight_log.len(), 4);
-    assert_eq!(resumed_log.len(), 4);
-    for (a, b) in straight_log.iter().zip(&resumed_log) {
-        assert_eq!(a.step, b.step);
-        assert!(
-            (a.loss - b.loss).abs() <= 1e-6 * a.loss.abs().max(1.0),
-            "step {}: loss {} straight vs {} resumed",
-            a.step,
-            a.loss,
-            b.loss
-        );
-    }
-    let worst = straight_final
-        .iter()
-        .zip(resumed.adapter().trainable_tensors())
-        .map(|(a, b)| max_abs(a, &b))
-        .fold(0.0, f64::max);
-    println!("resumed vs straight: final adapter max |diff| {worst:.2e}");
-    assert!(worst <= 1e-6, "final adapters differ by {worst}");
+    assert_same_run(&straight_log, &straight_final, &resumed);
 }
 
 /// A run suspended mid-epoch (as the model service does on SIGTERM) keeps a
@@ -463,7 +475,7 @@ fn resumed_training_equals_uninterrupted_training() {
 /// losses and final adapter as a run never stopped.
 #[test]
 fn suspended_mid_epoch_training_resumes_exactly() {
-    use asr_whisper::trainer::{interrupted_dir, FitOptions, Suspended, Trainer};
+    use asr_whisper::trainer::{interrupted_dir, FitOptions, Suspended};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     let _training = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
@@ -472,14 +484,7 @@ fn suspended_mid_epoch_training_resumes_exactly() {
 
     let straight_dir = tempfile::tempdir().expect("tempdir");
     let (mut model, adapter) = setup.fresh();
-    let mut straight = Trainer::new(
-        &mut model,
-        adapter,
-        setup.train_config.clone(),
-        setup.ids,
-        8,
-    )
-    .expect("trainer");
+    let mut straight = setup.trainer(&mut model, adapter);
     straight
         .fit(
             &setup.examples,
@@ -497,14 +502,7 @@ fn suspended_mid_epoch_training_resumes_exactly() {
     // Suspended after step 3: the first step of epoch 2 is done, the second is not.
     let output = tempfile::tempdir().expect("tempdir");
     let (mut model, adapter) = setup.fresh();
-    let mut first = Trainer::new(
-        &mut model,
-        adapter,
-        setup.train_config.clone(),
-        setup.ids,
-        8,
-    )
-    .expect("trainer");
+    let mut first = setup.trainer(&mut model, adapter);
     let suspend = Arc::new(AtomicBool::new(false));
     first.suspend = Some(suspend.clone());
     let error = first
@@ -522,14 +520,7 @@ fn suspended_mid_epoch_training_resumes_exactly() {
     assert_eq!(asr_whisper::trainer::checkpoint_step(&interrupted), Some(3));
 
     let (mut model, adapter) = setup.fresh();
-    let mut resumed = Trainer::new(
-        &mut model,
-        adapter,
-        setup.train_config.clone(),
-        setup.ids,
-        8,
-    )
-    .expect("trainer");
+    let mut resumed = setup.trainer(&mut model, adapter);
     resumed.resume(&interrupted).expect("resume");
     assert_eq!(
         (resumed.state.global_step, resumed.state.windows_done),
@@ -547,24 +538,7 @@ fn suspended_mid_epoch_training_resumes_exactly() {
         .expect("resumed run");
     assert_eq!(summary.epochs.len(), 2);
     assert!(!interrupted.exists(), "superseded by checkpoint-epoch-2");
-    let resumed_log = &resumed.state.log;
-    assert_eq!(resumed_log.len(), 4);
-    for (a, b) in straight_log.iter().zip(resumed_log) {
-        assert_eq!((a.step, a.epoch), (b.step, b.epoch));
-        assert!(
-            (a.loss - b.loss).abs() <= 1e-6 * a.loss.abs().max(1.0),
-            "step {}: loss {} straight vs {} resumed",
-            a.step,
-            a.loss,
-            b.loss
-        );
-    }
-    let worst = straight_final
-        .iter()
-        .zip(resumed.adapter().trainable_tensors())
-        .map(|(a, b)| max_abs(a, &b))
-        .fold(0.0, f64::max);
-    assert!(worst <= 1e-6, "final adapters differ by {worst}");
+    assert_same_run(&straight_log, &straight_final, &resumed);
 }
 
 /// `fit`: an eval loss and a checkpoint per epoch, older checkpoints pruned to the limit

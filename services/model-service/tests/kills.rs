@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use asr_proto::v1 as pb;
-use common::{all_events, connect, examples, start};
+use common::{all_events, connect, examples, start, start_job, JobShape};
 use model_service::datasets::DatasetStore;
 use pb::model_service_client::ModelServiceClient;
 use pb::training_event::Event;
@@ -118,30 +118,6 @@ fn check_checkpoint(dir: &Path) {
         tch::Tensor::read_safetensors(dir.join(file))
             .unwrap_or_else(|e| panic!("{}/{file}: {e}", dir.display()));
     }
-}
-
-async fn start_job(client: &mut Client) -> String {
-    client
-        .start_training(pb::StartTrainingRequest {
-            train_dataset: Some(pb::DatasetRef {
-                dataset: "train4".into(),
-                split: String::new(),
-            }),
-            hyperparameters: Some(pb::TrainingHyperparameters {
-                epochs: 8.0,
-                per_device_batch_size: 2,
-                gradient_accumulation_steps: 1,
-                warmup_steps: Some(0),
-                logging_steps: 1,
-                ..Default::default()
-            }),
-            output_adapter: "survivor".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("start")
-        .into_inner()
-        .id
 }
 
 /// Follows the job from event `from` until the service dies: records the checkpoints it
@@ -253,7 +229,17 @@ async fn repeated_sigkills_lose_nothing_acknowledged() {
     // Training, killed at random moments: after 1 to 3 steps logged by each incarnation and
     // a random pause (8 epochs of 2 steps, a checkpoint after each).
     let mut client = client;
-    let job = start_job(&mut client).await;
+    let job = start_job(
+        &mut client,
+        JobShape {
+            dataset: "train4",
+            epochs: 8.0,
+            batch_size: 2,
+            output_adapter: "survivor",
+        },
+    )
+    .await
+    .id;
     let saved = Arc::new(Mutex::new(Vec::new()));
     let mut service = service;
     let mut events_seen = 0;

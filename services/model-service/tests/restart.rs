@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use asr_proto::v1 as pb;
-use common::{all_events, connect, ingest_espeak, resumed_of, start};
+use common::{all_events, connect, ingest_espeak, resumed_of, start, start_job, JobShape};
 use pb::training_event::Event;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -19,26 +19,16 @@ async fn a_killed_service_resumes_its_training_job() {
     ingest_espeak(&mut client, 8).await;
 
     // 3 epochs of 2 steps; killed once the first epoch's checkpoint is saved.
-    let job = client
-        .start_training(pb::StartTrainingRequest {
-            train_dataset: Some(pb::DatasetRef {
-                dataset: "espeak".into(),
-                split: String::new(),
-            }),
-            hyperparameters: Some(pb::TrainingHyperparameters {
-                epochs: 3.0,
-                per_device_batch_size: 4,
-                gradient_accumulation_steps: 1,
-                warmup_steps: Some(0),
-                logging_steps: 1,
-                ..Default::default()
-            }),
-            output_adapter: "resumed".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("start")
-        .into_inner();
+    let job = start_job(
+        &mut client,
+        JobShape {
+            dataset: "espeak",
+            epochs: 3.0,
+            batch_size: 4,
+            output_adapter: "resumed",
+        },
+    )
+    .await;
     let mut watch = client
         .watch_training(pb::WatchTrainingRequest {
             job_id: job.id.clone(),
@@ -82,26 +72,16 @@ async fn a_terminated_service_checkpoints_mid_epoch_and_resumes_there() {
     ingest_espeak(&mut client, 8).await;
 
     // One epoch of 8 steps: no epoch checkpoint before the end.
-    let job = client
-        .start_training(pb::StartTrainingRequest {
-            train_dataset: Some(pb::DatasetRef {
-                dataset: "espeak".into(),
-                split: String::new(),
-            }),
-            hyperparameters: Some(pb::TrainingHyperparameters {
-                epochs: 1.0,
-                per_device_batch_size: 1,
-                gradient_accumulation_steps: 1,
-                warmup_steps: Some(0),
-                logging_steps: 1,
-                ..Default::default()
-            }),
-            output_adapter: "terminated".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("start")
-        .into_inner();
+    let job = start_job(
+        &mut client,
+        JobShape {
+            dataset: "espeak",
+            epochs: 1.0,
+            batch_size: 1,
+            output_adapter: "terminated",
+        },
+    )
+    .await;
     let mut watch = client
         .watch_training(pb::WatchTrainingRequest {
             job_id: job.id.clone(),

@@ -180,3 +180,37 @@ pub fn resumed_of(events: &[Event]) -> &pb::training_event::Resumed {
         })
         .unwrap_or_else(|| panic!("no Resumed event: {events:?}"))
 }
+
+/// The shape of a test job: accumulation 1, no warmup, every step logged.
+pub struct JobShape {
+    pub dataset: &'static str,
+    pub epochs: f32,
+    pub batch_size: u32,
+    pub output_adapter: &'static str,
+}
+
+pub async fn start_job(
+    client: &mut ModelServiceClient<tonic::transport::Channel>,
+    shape: JobShape,
+) -> pb::TrainingJob {
+    client
+        .start_training(pb::StartTrainingRequest {
+            train_dataset: Some(pb::DatasetRef {
+                dataset: shape.dataset.into(),
+                split: String::new(),
+            }),
+            hyperparameters: Some(pb::TrainingHyperparameters {
+                epochs: shape.epochs,
+                per_device_batch_size: shape.batch_size,
+                gradient_accumulation_steps: 1,
+                warmup_steps: Some(0),
+                logging_steps: 1,
+                ..Default::default()
+            }),
+            output_adapter: shape.output_adapter.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner()
+}
