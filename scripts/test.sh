@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Known advisories in the dependency tree (vendored RustSec database; see scripts/audit.sh).
+bash scripts/audit.sh
 # shellcheck source=scripts/env.sh
 source scripts/env.sh
 # whisper-base as an HF directory, converted once from the setup's CTranslate2 copy (assets/
