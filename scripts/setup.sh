@@ -179,6 +179,24 @@ EOF
 fi
 link "$ASSETS_DIR" "$REPO/assets"
 
+# --- 3b. Guard sets (fine-tuning without forgetting) ---------------------------------------
+# espeak in other voices/speeds/noise and noisy AISHELL, from sentences outside the corpus;
+# cached on their own key so that changing them does not rebuild the assets.
+GUARD_KEY=$({ cat scripts/make_guard_sets.py; echo "$ASSETS_KEY"; } | key16)
+GUARD_DIR="$CACHE/guard-$GUARD_KEY"
+if [ -d "$GUARD_DIR" ]; then
+    SUMMARY+=("guard:  reused  $GUARD_DIR")
+else
+    rm -rf "$CACHE"/guard-*.tmp.*
+    TMP_GUARD="$CACHE/guard-$GUARD_KEY.tmp.$$"
+    log "synthesising guard sets"
+    "$PY" scripts/make_guard_sets.py --sentences "$ASSETS_DIR/hsk/sentences.json" \
+        --aishell "$ASSETS_DIR/aishell" --out "$TMP_GUARD" --jobs 2
+    mv -T "$TMP_GUARD" "$GUARD_DIR"
+    SUMMARY+=("guard:  built   $GUARD_DIR")
+fi
+ln -sfn "$GUARD_DIR" "$ASSETS_DIR/guard"
+
 # --- 4. Summary ----------------------------------------------------------------------------
 log "done in $(( $(date +%s) - T0 )) s"
 for line in "${SUMMARY[@]}"; do log "  $line"; done

@@ -582,6 +582,7 @@ fn fit_keeps_the_best_checkpoint_and_ends_on_it() {
     };
     let evals = [EvalSet {
         name: "train".into(),
+        guard: false,
         examples: examples.clone(),
         texts: Vec::new(),
     }];

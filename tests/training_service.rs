@@ -23,8 +23,17 @@ struct Clip {
 }
 
 fn clips(split: &str, count: usize) -> Vec<Clip> {
-    let dir = assets().join("corpus/espeak");
-    std::fs::read_to_string(dir.join(format!("{split}.jsonl")))
+    manifest_clips(
+        &assets().join(format!("corpus/espeak/{split}.jsonl")),
+        count,
+    )
+}
+
+/// The first `count` clips of a manifest, as features.
+fn manifest_clips(manifest: &Path, count: usize) -> Vec<Clip> {
+    let dir = manifest.parent().expect("manifest folder");
+    let set = manifest.file_stem().expect("name").to_string_lossy();
+    std::fs::read_to_string(manifest)
         .expect("manifest")
         .lines()
         .take(count)
@@ -33,7 +42,7 @@ fn clips(split: &str, count: usize) -> Vec<Clip> {
             let audio = entry["audio"].as_str().expect("audio");
             let bytes = std::fs::read(dir.join(audio)).expect("clip");
             Clip {
-                id: format!("{split}/{audio}"),
+                id: format!("{set}/{audio}"),
                 text: entry["text"].as_str().expect("text").to_string(),
                 frames: our_windows(bytes, InputFormat::Encoded, 80).1,
             }
@@ -357,5 +366,153 @@ async fn concurrent_ingestion_into_one_dataset() {
         .expect("dataset")
         .into_inner();
     assert_eq!(dataset.example_count, 8);
+    server.stop().await;
+}
+
+/// Guard eval sets in a job: the zero-shot pass first, each epoch's guard regressions from it,
+/// and the kept checkpoint as the objective (CER within the guard bound, early stopping)
+/// selects it, checked against the figures the job itself reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn guard_sets_bound_the_kept_checkpoint() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (server, _handle) = start_model_service(data_config(root.path())).await;
+    let mut client = ModelServiceClient::connect(server.url())
+        .await
+        .expect("connect");
+    let mut messages = vec![config("espeak")];
+    messages.extend(clips("train", 8).iter().map(|c| example(c, "")));
+    messages.extend(clips("dev", 3).iter().map(|c| example(c, "eval")));
+    let real = manifest_clips(&assets().join("aishell/manifest.jsonl"), 2);
+    messages.extend(real.iter().map(|c| example(c, "real")));
+    let f2 = manifest_clips(&assets().join("guard/espeak-f2.jsonl"), 2);
+    messages.extend(f2.iter().map(|c| example(c, "f2")));
+    let acks = ingest(&mut client, messages).await.expect("ingest");
+    assert_eq!(acks.len(), 15);
+
+    let bound = 0.0f32;
+    let mut request = start_request("guarded", 3.0);
+    request.guard_eval_sets = ["real", "f2"]
+        .iter()
+        .map(|split| pb::GuardEvalSet {
+            name: split.to_string(),
+            dataset: Some(pb::DatasetRef {
+                dataset: "espeak".into(),
+                split: split.to_string(),
+            }),
+        })
+        .collect();
+    if let Some(h) = request.hyperparameters.as_mut() {
+        h.learning_rate = 1e-2;
+        h.metric_for_best_model = pb::BestModelMetric::Cer as i32;
+        h.max_guard_regression = Some(bound);
+        h.early_stopping_patience = 1;
+        h.generation_max_length = 40;
+    }
+    let job = client
+        .start_training(request)
+        .await
+        .expect("start")
+        .into_inner();
+    let events = watch(&mut client, &job.id).await;
+    let evaluations: Vec<&pb::training_event::Evaluated> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Evaluated(v) => Some(v),
+            _ => None,
+        })
+        .collect();
+    let baseline = evaluations.first().expect("the zero-shot pass");
+    assert_eq!((baseline.epoch, baseline.global_step), (0.0, 0));
+    let names: Vec<(&str, bool)> = baseline
+        .results
+        .iter()
+        .map(|r| (r.name.as_str(), r.guard))
+        .collect();
+    assert_eq!(names, [("eval", false), ("real", true), ("f2", true)]);
+    assert!(baseline
+        .results
+        .iter()
+        .all(|r| r.cer.is_some() && r.cer_regression.is_none()));
+    assert_eq!(baseline.results[1].example_count, 2);
+    let epochs = &evaluations[1..];
+    assert!(!epochs.is_empty());
+    for evaluation in epochs {
+        for (after, before) in evaluation.results.iter().zip(&baseline.results) {
+            let expected = (after.guard).then(|| after.cer.unwrap() - before.cer.unwrap());
+            match (after.cer_regression, expected) {
+                (Some(r), Some(e)) => assert!((r - e).abs() < 1e-5, "{after:?} vs {before:?}"),
+                (None, None) => {}
+                other => panic!("cer_regression of {}: {other:?}", after.name),
+            }
+        }
+    }
+    // The selection, re-derived from the reported figures.
+    let within = |v: &pb::training_event::Evaluated| {
+        v.results
+            .iter()
+            .filter(|r| r.guard)
+            .all(|r| r.cer_regression.unwrap() <= bound + 1e-6)
+    };
+    let worst = |v: &pb::training_event::Evaluated| {
+        v.results
+            .iter()
+            .filter_map(|r| r.cer_regression)
+            .fold(f32::MIN, f32::max)
+    };
+    let select = |seen: &[&pb::training_event::Evaluated]| -> (u64, bool) {
+        let admissible: Vec<_> = seen.iter().filter(|v| within(v)).collect();
+        let mut best: Option<&&pb::training_event::Evaluated> = None;
+        if admissible.is_empty() {
+            for v in seen {
+                if best.is_none_or(|b| worst(v) < worst(b)) {
+                    best = Some(v);
+                }
+            }
+            return (best.unwrap().epoch as u64, false);
+        }
+        for v in admissible {
+            if best.is_none_or(|b| v.results[0].cer.unwrap() < b.results[0].cer.unwrap()) {
+                best = Some(v);
+            }
+        }
+        (best.unwrap().epoch as u64, true)
+    };
+    // Early stopping with patience 1: training ends after the first epoch that is not the best.
+    for k in 1..epochs.len() {
+        let (best, _) = select(&epochs[..k]);
+        assert!(
+            (k as u64) == best,
+            "epoch {k} was not the best ({best}) yet training went on: {epochs:?}"
+        );
+    }
+    let (best, within_bound) = select(epochs);
+    let finished = match events.last() {
+        Some(Event::JobFinished(f)) => f,
+        other => panic!("expected JobFinished, got {other:?}"),
+    };
+    println!(
+        "{} epochs evaluated, kept {}, within bound {}, stopped early {}: {:?}",
+        epochs.len(),
+        finished.best_checkpoint,
+        finished.within_guard_bound,
+        finished.stopped_early,
+        epochs
+            .iter()
+            .map(|v| v
+                .results
+                .iter()
+                .map(|r| (r.cer, r.cer_regression))
+                .collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(finished.best_checkpoint, format!("checkpoint-epoch-{best}"));
+    assert_eq!(finished.within_guard_bound, within_bound);
+    assert_eq!(finished.stopped_early, epochs.len() < 3);
+    assert_eq!(finished.baseline_results, baseline.results);
+    assert_eq!(
+        finished.best_results,
+        epochs[best as usize - 1].results,
+        "the kept checkpoint's figures"
+    );
     server.stop().await;
 }

@@ -10,6 +10,7 @@ mod process;
 mod remote;
 mod status;
 mod train;
+mod train_guard;
 mod train_local;
 mod train_remote;
 mod transcribe;

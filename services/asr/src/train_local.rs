@@ -14,7 +14,7 @@ use asr_whisper::optim::AdamWConfig;
 use asr_whisper::train_data::{prepare_set, LabelSpec, PreparedSet};
 use asr_whisper::trainer::{
     checkpoint_dir, BestMetric, EpochSummary, EvalResult, FitOptions, LabelIds, MixedPrecision,
-    StepLog, TrainConfig, Trainer,
+    Objective, StepLog, TrainConfig, Trainer,
 };
 use asr_whisper::{Adapter, LoadOptions, LoadedModel, OutputProjection, Precision, Task};
 use clap::{Args, ValueEnum};
@@ -23,6 +23,7 @@ use serde::Serialize;
 
 use crate::process::peak_rss_bytes;
 use crate::train::LoraArgs;
+use crate::train_guard::{print_before_after, regression_cell, GuardArgs};
 use crate::transcribe::{parse_device, TaskArg};
 
 /// The recipe's flags, named as the notebook's `Seq2SeqTrainingArguments` name them.
@@ -111,6 +112,8 @@ pub struct RecipeArgs {
     /// Feature cache directory (default: $ASR_CACHE/features, else ~/.cache/asr-lora/features).
     #[arg(long)]
     pub feature_cache: Option<PathBuf>,
+    #[command(flatten)]
+    pub guard: GuardArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -164,12 +167,19 @@ struct RunSummary<'a> {
     /// Peak resident memory of this process (VmHWM), features and evaluation included.
     peak_rss_bytes: u64,
     train_examples: usize,
+    /// Of `train_examples`, those taken from --mix.
+    mix_examples: usize,
     skipped_over_30s: usize,
     trainable_parameters: i64,
     all_parameters: i64,
     baseline: Vec<EvalResult>,
     epochs: &'a [EpochSummary],
     best_epoch: usize,
+    /// False when no epoch met --max-guard-regression.
+    within_guard_bound: bool,
+    /// The scale of the evaluations and of the exported adapter.
+    adapter_scale: f64,
+    stopped_early: bool,
     adapter: String,
 }
 
@@ -242,10 +252,17 @@ fn prepare(
     Ok(set)
 }
 
+/// Loss and CER of one eval set; guard sets also get their CER change (points) from the
+/// zero-shot pass.
 fn eval_cell(result: &EvalResult) -> String {
-    match result.cer {
+    let cell = match result.cer {
         Some(cer) => format!("{:>9.4} {:>7.2}%", result.loss, cer * 100.0),
         None => format!("{:>9.4} {:>8}", result.loss, "-"),
+    };
+    if result.guard {
+        format!("{cell} {:>7}", regression_cell(result))
+    } else {
+        cell
     }
 }
 
@@ -291,7 +308,8 @@ pub fn run(lora: &LoraArgs, args: &RecipeArgs) -> anyhow::Result<()> {
         }),
         n_mels,
     );
-    let train = prepare(
+    args.guard.validate()?;
+    let mut train = prepare(
         "train",
         train_path,
         &args.train_split,
@@ -299,31 +317,78 @@ pub fn run(lora: &LoraArgs, args: &RecipeArgs) -> anyhow::Result<()> {
         &mut cache,
         spec,
     )?;
-    let evals: Vec<EvalSet> = match &args.eval {
-        Some(path) => {
-            let set = prepare(
-                "eval",
-                path,
-                &args.eval_split,
-                args.max_eval_examples,
-                &mut cache,
-                spec,
-            )?;
-            vec![EvalSet {
-                name: "eval".into(),
-                examples: set.examples,
-                texts: set.texts,
-            }]
-        }
-        None => Vec::new(),
-    };
+    let in_domain = train.examples.len();
+    let mut mix_examples = 0;
+    if let Some(mix_path) = &args.guard.mix {
+        let want = args.guard.mix_count(in_domain);
+        let mix = prepare(
+            "mix",
+            mix_path,
+            &args.guard.mix_split,
+            Some(want),
+            &mut cache,
+            spec,
+        )?;
+        anyhow::ensure!(
+            mix.examples.len() == want,
+            "--mix-fraction {} needs {want} examples from {}, which has {}",
+            args.guard.mix_fraction,
+            mix_path.display(),
+            mix.examples.len()
+        );
+        mix_examples = want;
+        train.examples.extend(mix.examples);
+        println!(
+            "training set: {in_domain} in-domain + {mix_examples} mixed-in examples ({:.0} %)",
+            100.0 * mix_examples as f64 / train.examples.len() as f64
+        );
+    }
+    let mut evals: Vec<EvalSet> = Vec::new();
+    if let Some(path) = &args.eval {
+        let set = prepare(
+            "eval",
+            path,
+            &args.eval_split,
+            args.max_eval_examples,
+            &mut cache,
+            spec,
+        )?;
+        evals.push(EvalSet {
+            name: "eval".into(),
+            guard: false,
+            examples: set.examples,
+            texts: set.texts,
+        });
+    }
+    for guard in &args.guard.guards {
+        let set = prepare(
+            &guard.name,
+            &guard.data,
+            &args.guard.guard_split,
+            args.max_eval_examples,
+            &mut cache,
+            spec,
+        )?;
+        evals.push(EvalSet {
+            name: guard.name.clone(),
+            guard: true,
+            examples: set.examples,
+            texts: set.texts,
+        });
+    }
+    // Guard sets are compared by CER, so they imply evaluation by generation.
+    let eval_cer = args.eval_cer || !args.guard.guards.is_empty();
     anyhow::ensure!(
-        args.metric_for_best != MetricArg::Cer || args.eval_cer,
+        args.metric_for_best != MetricArg::Cer || eval_cer,
         "--metric-for-best cer needs --eval-cer"
+    );
+    anyhow::ensure!(
+        args.guard.max_guard_regression.is_none() || !args.no_baseline_eval,
+        "--max-guard-regression compares with the zero-shot pass: drop --no-baseline-eval"
     );
 
     let adapter = Adapter::init(lora.config(), &loaded.model.linear_sites(), device)?;
-    let generation_eval = args.eval_cer.then(|| GenerationEval {
+    let generation_eval = eval_cer.then(|| GenerationEval {
         generation: &loaded.generation,
         tokenizer: &loaded.tokenizer,
         language: Some(args.language.clone()),
@@ -375,18 +440,20 @@ pub fn run(lora: &LoraArgs, args: &RecipeArgs) -> anyhow::Result<()> {
     }
 
     let mut baseline = Vec::new();
-    if !args.no_baseline_eval && trainer.state.global_step == 0 {
-        for set in &evals {
-            let result = trainer.evaluate_set(set, generation_eval.as_ref())?;
-            println!(
-                "zero-shot {}: loss {:.4}{}",
-                set.name,
-                result.loss,
-                result
-                    .cer
-                    .map_or(String::new(), |c| format!(", CER {:.2}%", c * 100.0))
-            );
-            baseline.push(result);
+    if !args.no_baseline_eval {
+        let resumed = trainer.state.global_step > 0;
+        baseline = trainer.evaluate_baseline(&evals, generation_eval.as_ref())?;
+        if !resumed {
+            for result in &baseline {
+                println!(
+                    "zero-shot {}: loss {:.4}{}",
+                    result.name,
+                    result.loss,
+                    result
+                        .cer
+                        .map_or(String::new(), |c| format!(", CER {:.2}%", c * 100.0))
+                );
+            }
         }
     }
 
@@ -432,13 +499,19 @@ pub fn run(lora: &LoraArgs, args: &RecipeArgs) -> anyhow::Result<()> {
             )
         });
     };
-    let options = FitOptions {
-        save_total_limit: args.save_total_limit,
-        metric_for_best: match args.metric_for_best {
+    let objective = Objective {
+        metric: match args.metric_for_best {
             MetricArg::Loss => BestMetric::EvalLoss,
             MetricArg::Cer => BestMetric::Cer,
         },
+        max_guard_regression: args.guard.max_guard_regression,
+        early_stopping_patience: args.guard.early_stopping_patience,
+    };
+    let options = FitOptions {
+        save_total_limit: args.save_total_limit,
+        objective,
         generation: generation_eval.clone(),
+        adapter_scale: args.guard.adapter_scale,
         ..FitOptions::new(args.model.display().to_string())
     };
     let fit = trainer.fit(&train.examples, &evals, output, &options, on_step, on_epoch)?;
@@ -453,7 +526,14 @@ pub fn run(lora: &LoraArgs, args: &RecipeArgs) -> anyhow::Result<()> {
         "samples/s",
         evals
             .iter()
-            .map(|e| format!(" {:>9} {:>8}", format!("{} loss", e.name), "CER"))
+            .map(|e| {
+                let columns = format!(" {:>9} {:>8}", format!("{} loss", e.name), "CER");
+                if e.guard {
+                    format!("{columns} {:>7}", "change")
+                } else {
+                    columns
+                }
+            })
             .collect::<String>()
     );
     if !baseline.is_empty() {
@@ -489,22 +569,45 @@ pub fn run(lora: &LoraArgs, args: &RecipeArgs) -> anyhow::Result<()> {
         );
     }
     let adapter_dir = output.join("adapter");
+    if fit.stopped_early {
+        println!(
+            "stopped early: {} evaluations without a new best",
+            args.guard.early_stopping_patience
+        );
+    }
     println!(
         "best epoch {}: adapter in {}",
         fit.best_epoch,
         adapter_dir.display()
     );
+    if let Some(kept) = fit.epochs.iter().find(|e| e.epoch == fit.best_epoch) {
+        if evals.iter().any(|e| e.guard) && !baseline.is_empty() {
+            println!();
+            print_before_after(&baseline, kept, args.guard.max_guard_regression);
+        }
+    }
+    if !fit.within_guard_bound {
+        println!(
+            "warning: no epoch kept every guard set within --max-guard-regression {}; kept epoch {}, which regresses least",
+            args.guard.max_guard_regression.unwrap_or_default(),
+            fit.best_epoch
+        );
+    }
     let summary = RunSummary {
         model: args.model.display().to_string(),
         mixed_precision: format!("{mixed_precision:?}"),
         peak_rss_bytes: peak_rss_bytes(),
         train_examples: train.examples.len(),
+        mix_examples,
         skipped_over_30s: train.skipped_too_long,
         trainable_parameters: trainable,
         all_parameters: all,
         baseline,
         epochs: &fit.epochs,
         best_epoch: fit.best_epoch,
+        within_guard_bound: fit.within_guard_bound,
+        adapter_scale: args.guard.adapter_scale,
+        stopped_early: fit.stopped_early,
         adapter: adapter_dir.display().to_string(),
     };
     std::fs::write(

@@ -31,9 +31,34 @@ pub fn request(
         lora.target_regex.is_none() && !lora.use_rslora,
         "--target-regex and --use-rslora are not supported by the model service's jobs"
     );
+    args.guard.validate()?;
+    anyhow::ensure!(
+        args.guard.mix.is_none() && args.guard.adapter_scale == 1.0,
+        "--mix and --adapter-scale are not supported by the model service's jobs yet (use --local; serve a job's adapter at a scale with asr transcribe --adapter-scale)"
+    );
+    // DATASET or DATASET:SPLIT (default --guard-split).
+    let guard_eval_sets = args
+        .guard
+        .guards
+        .iter()
+        .map(|g| {
+            let data = g.data.display().to_string();
+            let (dataset, split) = data
+                .split_once(':')
+                .unwrap_or((data.as_str(), args.guard.guard_split.as_str()));
+            pb::GuardEvalSet {
+                name: g.name.clone(),
+                dataset: Some(pb::DatasetRef {
+                    dataset: dataset.to_string(),
+                    split: split.to_string(),
+                }),
+            }
+        })
+        .collect();
     Ok(pb::StartTrainingRequest {
         train_dataset: Some(dataset_ref(train, &args.train_split)),
         eval_dataset: args.eval.as_ref().map(|e| dataset_ref(e, &args.eval_split)),
+        guard_eval_sets,
         lora: Some(pb::LoraConfig {
             r: lora.lora_r as u32,
             alpha: lora.lora_alpha as f32,
@@ -67,7 +92,11 @@ pub fn request(
                 MetricArg::Loss => pb::BestModelMetric::EvalLoss,
                 MetricArg::Cer => pb::BestModelMetric::Cer,
             } as i32,
-            predict_with_generate: Some(args.eval_cer),
+            // Unset with guard sets: the service then evaluates by generation, as they need.
+            predict_with_generate: (args.eval_cer || args.guard.guards.is_empty())
+                .then_some(args.eval_cer),
+            max_guard_regression: args.guard.max_guard_regression.map(|v| v as f32),
+            early_stopping_patience: args.guard.early_stopping_patience as u32,
             generation_max_length: args.generation_max_length as u32,
             language: args.language.clone(),
             task: match args.task {
@@ -149,5 +178,53 @@ mod tests {
         );
         assert_eq!((h.learning_rate, h.language.as_str()), (1e-3, "zh"));
         assert_eq!(r.output_adapter, "zh-lora");
+        assert!(r.guard_eval_sets.is_empty());
+        assert_eq!(h.predict_with_generate, Some(false));
+    }
+
+    #[test]
+    fn guard_flags_become_guard_eval_sets() {
+        let flags = Flags::parse_from([
+            "asr",
+            "--train",
+            "espeak",
+            "--eval",
+            "espeak",
+            "--guard",
+            "real=aishell",
+            "--guard",
+            "f2=espeak-guard:f2",
+            "--max-guard-regression",
+            "0.01",
+            "--early-stopping-patience",
+            "2",
+        ]);
+        let r = request(&flags.lora, &flags.recipe, "zh-lora").expect("request");
+        let sets: Vec<(&str, &str, &str)> = r
+            .guard_eval_sets
+            .iter()
+            .map(|g| {
+                let d = g.dataset.as_ref().expect("dataset");
+                (g.name.as_str(), d.dataset.as_str(), d.split.as_str())
+            })
+            .collect();
+        assert_eq!(
+            sets,
+            [("real", "aishell", "test"), ("f2", "espeak-guard", "f2")]
+        );
+        let h = r.hyperparameters.expect("hyperparameters");
+        assert_eq!(h.max_guard_regression, Some(0.01));
+        assert_eq!(h.early_stopping_patience, 2);
+        assert_eq!(h.predict_with_generate, None);
+        let mixed = Flags::parse_from([
+            "asr",
+            "--train",
+            "espeak",
+            "--mix",
+            "m.jsonl",
+            "--mix-fraction",
+            "0.2",
+        ]);
+        assert!(request(&mixed.lora, &mixed.recipe, "zh-lora").is_err());
     }
 }

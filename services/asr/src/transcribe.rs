@@ -74,8 +74,10 @@ pub struct TranscribeArgs {
     /// Through the services: a LoRA adapter of the model service's registry, by name.
     #[arg(long, conflicts_with = "local")]
     pub adapter_name: Option<String>,
-    /// Through the services: scale of the adapter's delta, 0.0..=1.0 (default 1.0).
-    #[arg(long, requires = "adapter_name")]
+    /// Scale of the adapter's delta, 0.0..=1.0 (default 1.0): below 1 the adapter moves the
+    /// base model only part of the way, keeping more of what it read before fine-tuning.
+    /// With --adapter (local) or --adapter-name (services).
+    #[arg(long)]
     pub adapter_scale: Option<f32>,
     /// Through the services: ask for partial results and show them on stderr as they come.
     #[arg(long, conflicts_with = "local")]
@@ -160,6 +162,16 @@ pub struct SegmentOut {
 }
 
 pub fn run(args: TranscribeArgs) -> anyhow::Result<()> {
+    if let Some(scale) = args.adapter_scale {
+        anyhow::ensure!(
+            args.adapter.is_some() || args.adapter_name.is_some(),
+            "--adapter-scale needs --adapter DIR (--local) or --adapter-name NAME"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&scale),
+            "--adapter-scale must be in 0.0..=1.0, got {scale}"
+        );
+    }
     let results = if args.local {
         transcribe_local(&args)?
     } else {
@@ -187,8 +199,11 @@ fn transcribe_local(args: &TranscribeArgs) -> anyhow::Result<Vec<FileResult>> {
     .with_context(|| format!("loading {}", args.model.display()))?;
     if let Some(dir) = &args.adapter {
         let sites = model.model.linear_sites();
-        let adapter = Adapter::load_peft(dir, &sites, device)
+        let mut adapter = Adapter::load_peft(dir, &sites, device)
             .with_context(|| format!("loading the adapter {}", dir.display()))?;
+        if let Some(scale) = args.adapter_scale {
+            adapter = adapter.scaled(f64::from(scale), &sites);
+        }
         model.model.attach(&adapter);
     }
     let pipeline = FeaturePipeline::new(PipelineConfig {

@@ -16,6 +16,9 @@ use crate::train_data::Example;
 #[derive(Debug, Clone)]
 pub struct EvalSet {
     pub name: String,
+    /// A guard set: speech the model must keep reading (its CER is compared with the
+    /// zero-shot pass), as opposed to the in-domain set the training aims at.
+    pub guard: bool,
     pub examples: Vec<crate::train_data::Example>,
     pub texts: Vec<String>,
 }

@@ -2,6 +2,7 @@
 //! in one run and print ratios.
 
 mod features;
+mod guard;
 mod services;
 mod soak;
 mod spawn;
@@ -32,6 +33,9 @@ pub enum BenchCommand {
     /// LoRA training: ours (int8 base) vs HF PEFT (fp32) on the espeak training split, with
     /// CER before and after.
     Train(train::TrainBenchArgs),
+    /// Fine-tuning without forgetting: the recipe vs the guarded settings, in-domain and
+    /// guard-set CER before and after (issue 7's proof).
+    Guard(guard::GuardBenchArgs),
     /// Training speed and peak memory of an architecture from its config (random weights):
     /// the recipe's whisper-large-v2 setting on a GPU.
     TrainSpeed(train_speed::TrainSpeedArgs),
@@ -47,6 +51,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Services(args) => services::run(args),
         BenchCommand::Soak(args) => soak::run(args),
         BenchCommand::Train(args) => train::run_bench(args),
+        BenchCommand::Guard(args) => guard::run_bench(args),
         BenchCommand::TrainSpeed(args) => train_speed::run(args),
         BenchCommand::TranscribeWorker(args) => transcribe::worker(args),
     }

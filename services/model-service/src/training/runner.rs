@@ -13,8 +13,8 @@ use asr_whisper::evaluation::{EvalSet, GenerationEval};
 use asr_whisper::labels::label_tokens;
 use asr_whisper::train_data::{Example, Window};
 use asr_whisper::trainer::{
-    checkpoint_dir, checkpoint_step, interrupted_dir, BestMetric, Cancelled, EpochSummary,
-    FitOptions, LabelIds, StepLog, Suspended, Trainer,
+    checkpoint_dir, checkpoint_step, interrupted_dir, select_best, BestMetric, Cancelled,
+    EpochSummary, EvalResult, FitOptions, LabelIds, StepLog, Suspended, Trainer,
 };
 use asr_whisper::{Adapter, LoadOptions, LoadedModel, OutputProjection, Precision};
 use tch::Device;
@@ -192,17 +192,27 @@ impl Runner {
         )
         .context("loading the base model for training")?;
         let (train, _) = self.examples(&spec.train, &loaded, &language, spec)?;
-        let evals = match &spec.eval {
-            Some(data) => {
-                let (examples, texts) = self.examples(data, &loaded, &language, spec)?;
-                vec![EvalSet {
-                    name: "eval".into(),
-                    examples,
-                    texts,
-                }]
-            }
-            None => Vec::new(),
-        };
+        let mut evals = Vec::with_capacity(1 + spec.guards.len());
+        if let Some(data) = &spec.eval {
+            let (examples, texts) = self.examples(data, &loaded, &language, spec)?;
+            evals.push(EvalSet {
+                name: "eval".into(),
+                guard: false,
+                examples,
+                texts,
+            });
+        }
+        for guard in &spec.guards {
+            let (examples, texts) = self
+                .examples(&guard.data, &loaded, &language, spec)
+                .with_context(|| format!("guard eval set {}", guard.name))?;
+            evals.push(EvalSet {
+                name: guard.name.clone(),
+                guard: true,
+                examples,
+                texts,
+            });
+        }
         tch::manual_seed(spec.train_config.seed as i64);
         let adapter = Adapter::init(spec.lora.clone(), &loaded.model.linear_sites(), self.device)?;
         let mut config = spec.train_config.clone();
@@ -268,6 +278,20 @@ impl Runner {
                 }),
             )?;
         }
+        // The zero-shot pass, once per job (a resumed job has it in its checkpoint).
+        if !evals.is_empty() && trainer.state.baseline.is_empty() && trainer.state.global_step == 0
+        {
+            let baseline = trainer.evaluate_baseline(&evals, generation_eval.as_ref())?;
+            self.jobs.push_event(
+                id,
+                Event::Evaluated(pb::training_event::Evaluated {
+                    epoch: 0.0,
+                    global_step: 0,
+                    results: eval_set_results(&baseline, &evals),
+                    runtime_seconds: 0.0,
+                }),
+            )?;
+        }
         let jobs = &self.jobs;
         let logging_steps = spec.logging_steps.max(1) as i64;
         let metrics = &self.metrics;
@@ -300,36 +324,26 @@ impl Runner {
                 );
             }
         };
-        let metric = spec.metric;
-        let mut best: Option<f64> = record.best_metric.map(f64::from);
+        let objective = spec.objective;
+        let metric = objective.metric;
+        // Every evaluated epoch so far (those before a resume included), to tell whether the
+        // newest is the best under the objective.
+        let mut evaluated = trainer.state.epochs.clone();
         let on_epoch = |summary: &EpochSummary| {
             let _ = jobs.push_event(
                 id,
                 Event::Evaluated(pb::training_event::Evaluated {
                     epoch: summary.epoch as f32,
                     global_step: summary.steps as u64,
-                    results: summary
-                        .evals
-                        .iter()
-                        .map(|e| pb::EvalSetResult {
-                            name: e.name.clone(),
-                            loss: e.loss as f32,
-                            cer: e.cer.map(|c| c as f32),
-                            ..Default::default()
-                        })
-                        .collect(),
+                    results: eval_set_results(&summary.evals, &evals),
                     runtime_seconds: 0.0,
                 }),
             );
+            evaluated.push(summary.clone());
             let value = summary.metric(metric);
-            let is_best = match (value, best) {
-                (Some(v), Some(b)) => v < b,
-                (Some(_), None) => true,
-                (None, _) => true,
-            };
+            let is_best = select_best(&evaluated, &objective).epoch == summary.epoch;
             let name = format!("checkpoint-epoch-{}", summary.epoch);
             if is_best {
-                best = value.or(best);
                 let _ = jobs.update(id, |r| {
                     r.best_metric = value.map(|v| v as f32);
                     r.best_checkpoint = name.clone();
@@ -348,8 +362,8 @@ impl Runner {
         };
         let options = FitOptions {
             save_total_limit: spec.save_total_limit,
-            metric_for_best: metric,
-            generation: generation_eval,
+            objective,
+            generation: generation_eval.clone(),
             ..FitOptions::new(self.model_dir.display().to_string())
         };
         let fit = match trainer.fit(&train, &evals, &output, &options, on_step, on_epoch) {
@@ -395,8 +409,33 @@ impl Runner {
             global_step: trainer.state.global_step as u64,
             train_loss: train_loss as f32,
             train_runtime_seconds: 0.0,
+            within_guard_bound: fit.within_guard_bound,
+            stopped_early: fit.stopped_early,
+            best_results: best_summary
+                .map(|s| eval_set_results(&s.evals, &evals))
+                .unwrap_or_default(),
+            baseline_results: eval_set_results(&trainer.state.baseline, &evals),
         })
     }
+}
+
+/// Trainer results as the proto reports them, with each set's example count.
+fn eval_set_results(results: &[EvalResult], evals: &[EvalSet]) -> Vec<pb::EvalSetResult> {
+    results
+        .iter()
+        .map(|r| pb::EvalSetResult {
+            name: r.name.clone(),
+            guard: r.guard,
+            loss: r.loss as f32,
+            cer: r.cer.map(|c| c as f32),
+            wer: None,
+            cer_regression: r.cer_regression.map(|c| c as f32),
+            example_count: evals
+                .iter()
+                .find(|e| e.name == r.name)
+                .map_or(0, |e| e.examples.len() as u64),
+        })
+        .collect()
 }
 
 /// Where a job continues from: the checkpoint under `output` with the most steps, the

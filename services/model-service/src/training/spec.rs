@@ -2,7 +2,7 @@
 
 use asr_proto::v1 as pb;
 use asr_whisper::optim::AdamWConfig;
-use asr_whisper::trainer::{BestMetric, MixedPrecision, TrainConfig};
+use asr_whisper::trainer::{BestMetric, MixedPrecision, Objective, TrainConfig};
 use asr_whisper::{LoraBias, LoraConfig, TargetModules, Task};
 
 use crate::error::ModelError;
@@ -18,11 +18,22 @@ pub struct DataRef {
     pub split: String,
 }
 
+/// Most guard eval sets a job may have.
+pub const MAX_GUARD_SETS: usize = 8;
+
+/// A guard eval set, named as its results are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuardRef {
+    pub name: String,
+    pub data: DataRef,
+}
+
 /// Everything a job needs, checked.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
     pub train: DataRef,
     pub eval: Option<DataRef>,
+    pub guards: Vec<GuardRef>,
     pub lora: LoraConfig,
     pub train_config: TrainConfig,
     /// Requested compute precision; AUTO is resolved on the device at run time.
@@ -32,7 +43,8 @@ pub struct JobSpec {
     pub task: Task,
     pub logging_steps: usize,
     pub save_total_limit: Option<usize>,
-    pub metric: BestMetric,
+    /// metric_for_best_model, max_guard_regression and early_stopping_patience.
+    pub objective: Objective,
     pub predict_with_generate: bool,
     pub generation_max_length: usize,
     pub eval_batch_size: usize,
@@ -118,6 +130,43 @@ fn unsupported(field: &str, what: &str) -> ModelError {
     invalid(field, format!("{what} is not supported by this version"))
 }
 
+/// `guard_eval_sets`: at most [`MAX_GUARD_SETS`], each named (a registry-safe name, not
+/// "eval", unique) with a dataset.
+fn guard_refs(sets: &[pb::GuardEvalSet]) -> Result<Vec<GuardRef>, ModelError> {
+    if sets.len() > MAX_GUARD_SETS {
+        return Err(invalid(
+            "guard_eval_sets",
+            format!(
+                "at most {MAX_GUARD_SETS} guard eval sets, got {}",
+                sets.len()
+            ),
+        ));
+    }
+    let mut guards: Vec<GuardRef> = Vec::with_capacity(sets.len());
+    for (i, set) in sets.iter().enumerate() {
+        let field = format!("guard_eval_sets[{i}]");
+        validate_name(&set.name, &format!("{field}.name"))?;
+        if set.name == "eval" || guards.iter().any(|g| g.name == set.name) {
+            return Err(invalid(
+                &format!("{field}.name"),
+                format!(
+                    "{:?} is taken (\"eval\" names the eval dataset; guard names are unique)",
+                    set.name
+                ),
+            ));
+        }
+        let data = set
+            .dataset
+            .as_ref()
+            .ok_or_else(|| invalid(&format!("{field}.dataset"), "required"))?;
+        guards.push(GuardRef {
+            name: set.name.clone(),
+            data: data_ref(&format!("{field}.dataset"), data)?,
+        });
+    }
+    Ok(guards)
+}
+
 impl JobSpec {
     pub fn from_request(request: &pb::StartTrainingRequest) -> Result<Self, ModelError> {
         let train = request
@@ -130,9 +179,7 @@ impl JobSpec {
             .as_ref()
             .map(|r| data_ref("eval_dataset", r))
             .transpose()?;
-        if !request.guard_eval_sets.is_empty() {
-            return Err(unsupported("guard_eval_sets", "guard evaluation sets"));
-        }
+        let guards = guard_refs(&request.guard_eval_sets)?;
         validate_name(&request.output_adapter, "output_adapter")?;
         let lora = lora_config(request.lora.clone())?;
         let h = request.hyperparameters.clone().unwrap_or_default();
@@ -196,21 +243,35 @@ impl JobSpec {
                 _ => return Err(unsupported(&field(name), "a strategy other than EPOCH")),
             }
         }
-        for (value, name) in [
-            (h.eval_steps, "eval_steps"),
-            (h.save_steps, "save_steps"),
-            (h.early_stopping_patience, "early_stopping_patience"),
-        ] {
+        for (value, name) in [(h.eval_steps, "eval_steps"), (h.save_steps, "save_steps")] {
             if value != 0 {
                 return Err(unsupported(&field(name), name));
             }
         }
-        if h.max_guard_regression.is_some() {
-            return Err(unsupported(
-                &field("max_guard_regression"),
-                "guard regression bounds",
+        if h.early_stopping_patience > 0 && eval.is_none() {
+            return Err(invalid(
+                "eval_dataset",
+                "early_stopping_patience needs an eval dataset",
             ));
         }
+        let max_guard_regression = match h.max_guard_regression {
+            None => None,
+            Some(v) if v.is_finite() && (0.0..=1.0).contains(&v) => {
+                if guards.is_empty() {
+                    return Err(invalid(
+                        "guard_eval_sets",
+                        "max_guard_regression needs at least one guard eval set",
+                    ));
+                }
+                Some(decimal(v))
+            }
+            Some(v) => {
+                return Err(invalid(
+                    &field("max_guard_regression"),
+                    format!("must be a CER difference in [0, 1], got {v}"),
+                ))
+            }
+        };
         if h.load_best_model_at_end == Some(false) {
             return Err(unsupported(
                 &field("load_best_model_at_end"),
@@ -230,7 +291,15 @@ impl JobSpec {
             Ok(pb::BestModelMetric::Cer) => BestMetric::Cer,
             _ => return Err(unsupported(&field("metric_for_best_model"), "this metric")),
         };
-        let predict_with_generate = h.predict_with_generate.unwrap_or(metric == BestMetric::Cer);
+        let predict_with_generate = h
+            .predict_with_generate
+            .unwrap_or(metric == BestMetric::Cer || !guards.is_empty());
+        if !guards.is_empty() && !predict_with_generate {
+            return Err(invalid(
+                &field("predict_with_generate"),
+                "guard eval sets are compared by CER, which needs predict_with_generate",
+            ));
+        }
         if metric == BestMetric::Cer && !predict_with_generate {
             return Err(invalid(
                 &field("predict_with_generate"),
@@ -264,6 +333,7 @@ impl JobSpec {
         Ok(Self {
             train,
             eval,
+            guards,
             lora,
             train_config: TrainConfig {
                 epochs,
@@ -288,7 +358,11 @@ impl JobSpec {
                 n => n as usize,
             },
             save_total_limit: (h.save_total_limit > 0).then_some(h.save_total_limit as usize),
-            metric,
+            objective: Objective {
+                metric,
+                max_guard_regression,
+                early_stopping_patience: h.early_stopping_patience as usize,
+            },
             predict_with_generate,
             generation_max_length,
             eval_batch_size: match h.per_device_eval_batch_size {
@@ -353,7 +427,7 @@ mod tests {
                 .lr,
             1e-3
         );
-        assert_eq!(spec.metric, BestMetric::EvalLoss);
+        assert_eq!(spec.objective, Objective::default());
         assert!(!spec.predict_with_generate);
     }
 
@@ -374,5 +448,92 @@ mod tests {
             Err(ModelError::InvalidField { field, .. }) => assert_eq!(field, "output_adapter"),
             other => panic!("{other:?}"),
         }
+    }
+
+    fn field_of(result: Result<JobSpec, ModelError>) -> String {
+        match result {
+            Err(ModelError::InvalidField { field, .. }) => field,
+            other => panic!("expected an invalid field, got {other:?}"),
+        }
+    }
+
+    fn guard(name: &str) -> pb::GuardEvalSet {
+        pb::GuardEvalSet {
+            name: name.into(),
+            dataset: Some(pb::DatasetRef {
+                dataset: "aishell".into(),
+                split: String::new(),
+            }),
+        }
+    }
+
+    #[test]
+    fn guard_sets_and_the_objective_are_checked() {
+        let mut r = request();
+        r.eval_dataset = r.train_dataset.clone();
+        r.guard_eval_sets = vec![guard("real"), guard("f2")];
+        r.hyperparameters = Some(pb::TrainingHyperparameters {
+            max_guard_regression: Some(0.01),
+            early_stopping_patience: 2,
+            metric_for_best_model: pb::BestModelMetric::Cer as i32,
+            ..Default::default()
+        });
+        let spec = JobSpec::from_request(&r).expect("valid");
+        assert_eq!(spec.guards.len(), 2);
+        assert_eq!(spec.guards[1].name, "f2");
+        assert!(spec.predict_with_generate, "guard sets imply generation");
+        assert_eq!(
+            spec.objective,
+            Objective {
+                metric: BestMetric::Cer,
+                max_guard_regression: Some(0.01),
+                early_stopping_patience: 2,
+            }
+        );
+
+        let mut bad = r.clone();
+        bad.guard_eval_sets[1].name = "eval".into();
+        assert_eq!(
+            field_of(JobSpec::from_request(&bad)),
+            "guard_eval_sets[1].name"
+        );
+        let mut bad = r.clone();
+        bad.guard_eval_sets[1].name = "real".into();
+        assert_eq!(
+            field_of(JobSpec::from_request(&bad)),
+            "guard_eval_sets[1].name"
+        );
+        let mut bad = r.clone();
+        bad.guard_eval_sets[0].dataset = None;
+        assert_eq!(
+            field_of(JobSpec::from_request(&bad)),
+            "guard_eval_sets[0].dataset"
+        );
+        let mut bad = r.clone();
+        bad.guard_eval_sets = (0..9).map(|i| guard(&format!("g{i}"))).collect();
+        assert_eq!(field_of(JobSpec::from_request(&bad)), "guard_eval_sets");
+        let mut bad = r.clone();
+        bad.guard_eval_sets.clear();
+        assert_eq!(field_of(JobSpec::from_request(&bad)), "guard_eval_sets");
+        let mut bad = r.clone();
+        if let Some(h) = bad.hyperparameters.as_mut() {
+            h.max_guard_regression = Some(-0.5);
+        }
+        assert_eq!(
+            field_of(JobSpec::from_request(&bad)),
+            "hyperparameters.max_guard_regression"
+        );
+        let mut bad = r.clone();
+        if let Some(h) = bad.hyperparameters.as_mut() {
+            h.predict_with_generate = Some(false);
+            h.metric_for_best_model = pb::BestModelMetric::EvalLoss as i32;
+        }
+        assert_eq!(
+            field_of(JobSpec::from_request(&bad)),
+            "hyperparameters.predict_with_generate"
+        );
+        let mut bad = r.clone();
+        bad.eval_dataset = None;
+        assert_eq!(field_of(JobSpec::from_request(&bad)), "eval_dataset");
     }
 }

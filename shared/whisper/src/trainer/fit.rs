@@ -1,7 +1,10 @@
 //! `fit`: the recipe's epoch loop as Seq2SeqTrainer runs it with `evaluation_strategy` and
 //! `save_strategy` "epoch", `save_total_limit` and `load_best_model_at_end`: train an epoch,
 //! evaluate every eval set (loss, and CER by generation when asked), save a checkpoint, prune
-//! old ones (never the best), and end on the best adapter.
+//! old ones (never the best), and end on the best adapter. Beyond HF: guard sets, whose CER
+//! is compared with the zero-shot pass, can bound which checkpoint may be kept
+//! ([`Objective::max_guard_regression`]), and early stopping counts evaluations without a new
+//! best under that same objective.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -12,13 +15,29 @@ use serde::{Deserialize, Serialize};
 use super::{Example, StepLog, Suspended, Trainer};
 use crate::evaluation::{EvalSet, GenerationEval};
 
-/// What `load_best_model_at_end` compares, on the first eval set (lower is better for both).
+/// What `load_best_model_at_end` compares, on the first in-domain (non-guard) eval set (lower
+/// is better for both).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum BestMetric {
     #[default]
     EvalLoss,
     /// Needs [`FitOptions::generation`].
     Cer,
+}
+
+/// Which checkpoint is kept and when training stops. The default is the recipe's: the best
+/// by eval loss, no guard bound, no early stopping.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Objective {
+    pub metric: BestMetric,
+    /// Largest CER increase over the zero-shot pass (absolute: 0.01 = one point) allowed on
+    /// any guard set. A checkpoint beyond it is kept only when every checkpoint is (then the
+    /// one that regresses least, and [`FitSummary::within_guard_bound`] is false). Needs
+    /// generation and [`Trainer::evaluate_baseline`].
+    pub max_guard_regression: Option<f64>,
+    /// Stop after this many evaluations without a new best (HF's EarlyStoppingCallback
+    /// patience); 0 never stops early.
+    pub early_stopping_patience: usize,
 }
 
 /// How [`Trainer::fit`] evaluates and what it keeps on disk.
@@ -29,9 +48,13 @@ pub struct FitOptions<'a> {
     pub save_total_limit: Option<usize>,
     /// Recorded in the adapters' config as `base_model_name_or_path`.
     pub base_model: String,
-    pub metric_for_best: BestMetric,
+    pub objective: Objective,
     /// Also evaluate by generation (CER) with these settings.
     pub generation: Option<GenerationEval<'a>>,
+    /// Scale of the adapter's delta (0..=1) at which every epoch is evaluated and the kept
+    /// adapter exported (its B multiplied by it, so that it serves as evaluated at scale 1):
+    /// below 1 the adapter moves the base model only part of the way. 1 is the recipe.
+    pub adapter_scale: f64,
 }
 
 impl FitOptions<'_> {
@@ -39,8 +62,9 @@ impl FitOptions<'_> {
         Self {
             save_total_limit: None,
             base_model: base_model.into(),
-            metric_for_best: BestMetric::EvalLoss,
+            objective: Objective::default(),
             generation: None,
+            adapter_scale: 1.0,
         }
     }
 }
@@ -49,9 +73,15 @@ impl FitOptions<'_> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalResult {
     pub name: String,
+    /// Evaluated as a guard set.
+    #[serde(default)]
+    pub guard: bool,
     pub loss: f64,
     /// Corpus CER (0.05 = 5 %) when evaluated by generation.
     pub cer: Option<f64>,
+    /// Guard sets: CER minus the zero-shot pass's CER (positive = worse than before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cer_regression: Option<f64>,
 }
 
 /// One epoch's figures.
@@ -67,13 +97,31 @@ pub struct EpochSummary {
 }
 
 impl EpochSummary {
-    /// The first eval set's figure for `metric`.
+    /// The first in-domain eval set's figure for `metric`.
     pub fn metric(&self, metric: BestMetric) -> Option<f64> {
-        let first = self.evals.first()?;
+        let first = self.evals.iter().find(|e| !e.guard)?;
         match metric {
             BestMetric::EvalLoss => Some(first.loss),
             BestMetric::Cer => first.cer,
         }
+    }
+
+    /// The largest CER regression of any guard set; `None` without guard regressions.
+    pub fn worst_guard_regression(&self) -> Option<f64> {
+        self.evals
+            .iter()
+            .filter_map(|e| e.cer_regression)
+            .reduce(f64::max)
+    }
+
+    /// Whether every guard set stays within `bound` (true without a bound).
+    pub fn within_guard_bound(&self, bound: Option<f64>) -> bool {
+        let Some(bound) = bound else { return true };
+        // A hair of slack so that a regression equal to the bound passes despite rounding.
+        self.evals
+            .iter()
+            .filter(|e| e.guard)
+            .all(|e| e.cer_regression.is_some_and(|r| r <= bound + 1e-9))
     }
 }
 
@@ -82,11 +130,50 @@ pub struct FitSummary {
     pub epochs: Vec<EpochSummary>,
     /// The epoch whose adapter ends in the model and in `<output>/adapter`.
     pub best_epoch: usize,
+    /// False when no epoch met [`Objective::max_guard_regression`] (the kept one regresses
+    /// least); true without a bound.
+    pub within_guard_bound: bool,
+    /// Training ended before its last epoch by [`Objective::early_stopping_patience`].
+    pub stopped_early: bool,
+}
+
+/// The checkpoint an [`Objective`] keeps among evaluated epochs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Selection {
+    /// 0 when no epoch was evaluated.
+    pub epoch: usize,
+    pub within_guard_bound: bool,
 }
 
 impl Trainer<'_> {
     /// Loss (dropout off) and, with `generation`, CER of the model as it stands on `set`.
     pub fn evaluate_set(
+        &mut self,
+        set: &EvalSet,
+        generation: Option<&GenerationEval>,
+    ) -> anyhow::Result<EvalResult> {
+        self.evaluate_set_at(set, generation, 1.0)
+    }
+
+    /// [`Trainer::evaluate_set`] with the adapter's delta scaled by `scale` (see
+    /// [`FitOptions::adapter_scale`]); the trained adapter is attached again afterwards.
+    pub fn evaluate_set_at(
+        &mut self,
+        set: &EvalSet,
+        generation: Option<&GenerationEval>,
+        scale: f64,
+    ) -> anyhow::Result<EvalResult> {
+        if scale == 1.0 {
+            return self.evaluate_unscaled(set, generation);
+        }
+        let scaled = self.adapter.scaled(scale, &self.model.linear_sites());
+        self.model.attach(&scaled);
+        let result = self.evaluate_unscaled(set, generation);
+        self.model.attach(&self.adapter);
+        result
+    }
+
+    fn evaluate_unscaled(
         &mut self,
         set: &EvalSet,
         generation: Option<&GenerationEval>,
@@ -103,18 +190,49 @@ impl Trainer<'_> {
             }
             None => None,
         };
+        let baseline_cer = self
+            .state
+            .baseline
+            .iter()
+            .find(|b| b.name == set.name)
+            .and_then(|b| b.cer);
         Ok(EvalResult {
             name: set.name.clone(),
+            guard: set.guard,
             loss,
             cer,
+            cer_regression: match (set.guard, cer, baseline_cer) {
+                (true, Some(cer), Some(before)) => Some(cer - before),
+                _ => None,
+            },
         })
     }
 
+    /// The zero-shot pass: every eval set evaluated before the first step (the fresh
+    /// adapter's B is zero, so this is the base model), kept in the state and in every
+    /// checkpoint. Guard regressions are measured from it. After a resume, or when already
+    /// done, it returns the kept results without evaluating again.
+    pub fn evaluate_baseline(
+        &mut self,
+        evals: &[EvalSet],
+        generation: Option<&GenerationEval>,
+    ) -> anyhow::Result<Vec<EvalResult>> {
+        if self.state.global_step == 0 && self.state.baseline.is_empty() {
+            let mut results = Vec::with_capacity(evals.len());
+            for set in evals {
+                results.push(self.evaluate_set(set, generation)?);
+            }
+            self.state.baseline = results;
+        }
+        Ok(self.state.baseline.clone())
+    }
+
     /// Epoch after epoch until done: train, evaluate each of `evals`, save
-    /// `<output>/checkpoint-epoch-N`, prune old checkpoints, and finally load the best
-    /// adapter (by `options.metric_for_best` on the first eval set; the last epoch when there
-    /// is none) into the model and write it to `<output>/adapter`. After [`Trainer::resume`]
-    /// it continues where the checkpoint left off, its earlier epochs' figures included.
+    /// `<output>/checkpoint-epoch-N`, prune old checkpoints, and finally load the adapter that
+    /// `options.objective` selects ([`select_best`]; the last epoch when nothing is evaluated)
+    /// into the model and write it to `<output>/adapter`. With early stopping it ends once the
+    /// patience is spent. After [`Trainer::resume`] it continues where the checkpoint left
+    /// off, its earlier epochs' figures included.
     pub fn fit(
         &mut self,
         train: &[Example],
@@ -124,11 +242,50 @@ impl Trainer<'_> {
         mut on_step: impl FnMut(&StepLog),
         mut on_epoch: impl FnMut(&EpochSummary),
     ) -> anyhow::Result<FitSummary> {
+        let objective = options.objective;
         anyhow::ensure!(
-            options.metric_for_best != BestMetric::Cer || options.generation.is_some(),
+            (0.0..=1.0).contains(&options.adapter_scale),
+            "the adapter scale must be in 0..=1, got {}",
+            options.adapter_scale
+        );
+        anyhow::ensure!(
+            objective.metric != BestMetric::Cer || options.generation.is_some(),
             "choosing the best checkpoint by CER needs evaluation by generation"
         );
+        if objective.max_guard_regression.is_some() {
+            anyhow::ensure!(
+                evals.iter().any(|e| e.guard),
+                "a bound on guard regression needs at least one guard eval set"
+            );
+            anyhow::ensure!(
+                options.generation.is_some(),
+                "a bound on guard regression needs evaluation by generation (CER)"
+            );
+            let missing: Vec<&str> = evals
+                .iter()
+                .filter(|e| e.guard)
+                .filter(|e| {
+                    !self
+                        .state
+                        .baseline
+                        .iter()
+                        .any(|b| b.name == e.name && b.cer.is_some())
+                })
+                .map(|e| e.name.as_str())
+                .collect();
+            anyhow::ensure!(
+                missing.is_empty(),
+                "a bound on guard regression needs the zero-shot CER of every guard set \
+                 (evaluate_baseline with generation); missing: {}",
+                missing.join(", ")
+            );
+        }
+        let mut stopped_early = false;
         loop {
+            if patience_spent(&self.state.epochs, &objective) {
+                stopped_early = true;
+                break;
+            }
             let started = Instant::now();
             match self.train_epoch(train, &mut on_step) {
                 Ok(true) => {}
@@ -149,7 +306,11 @@ impl Trainer<'_> {
                 .min(train.len());
             let mut results = Vec::with_capacity(evals.len());
             for set in evals {
-                results.push(self.evaluate_set(set, options.generation.as_ref())?);
+                results.push(self.evaluate_set_at(
+                    set,
+                    options.generation.as_ref(),
+                    options.adapter_scale,
+                )?);
             }
             let summary = EpochSummary {
                 epoch: self.state.epochs_done,
@@ -169,7 +330,7 @@ impl Trainer<'_> {
                 std::fs::remove_dir_all(&interrupted)
                     .with_context(|| format!("removing {}", interrupted.display()))?;
             }
-            let best = best_epoch(&self.state.epochs, options.metric_for_best);
+            let best = select_best(&self.state.epochs, &objective).epoch;
             if let Some(limit) = options.save_total_limit {
                 let saved: Vec<usize> = self.state.epochs.iter().map(|s| s.epoch).collect();
                 for epoch in checkpoints_to_prune(&saved, best, limit) {
@@ -185,15 +346,27 @@ impl Trainer<'_> {
                 on_epoch(summary);
             }
         }
-        let best = best_epoch(&self.state.epochs, options.metric_for_best);
-        if best > 0 {
-            self.load_adapter_weights(&checkpoint_dir(output, best))?;
-            self.adapter
+        let best = select_best(&self.state.epochs, &objective);
+        if best.epoch > 0 {
+            self.load_adapter_weights(&checkpoint_dir(output, best.epoch))?;
+            let exported = if options.adapter_scale == 1.0 {
+                None
+            } else {
+                Some(
+                    self.adapter
+                        .scaled(options.adapter_scale, &self.model.linear_sites()),
+                )
+            };
+            exported
+                .as_ref()
+                .unwrap_or(&self.adapter)
                 .save_peft(&output.join("adapter"), &options.base_model)?;
         }
         Ok(FitSummary {
             epochs: self.state.epochs.clone(),
-            best_epoch: best,
+            best_epoch: best.epoch,
+            within_guard_bound: best.within_guard_bound,
+            stopped_early,
         })
     }
 }
@@ -230,19 +403,53 @@ pub fn checkpoints_to_prune(saved: &[usize], best: usize, limit: usize) -> Vec<u
         .collect()
 }
 
-/// The epoch with the lowest `metric` (the first of equals); the last epoch when no epoch has
-/// the metric; 0 when none ran.
-fn best_epoch(summaries: &[EpochSummary], metric: BestMetric) -> usize {
-    let best = summaries
+/// The epoch `objective` keeps: among the epochs within the guard bound, the one with the
+/// lowest metric (the first of equals; the last of them when none has the metric). When no
+/// epoch is within the bound, the one whose worst guard regression is smallest. 0 when none
+/// ran.
+pub fn select_best(summaries: &[EpochSummary], objective: &Objective) -> Selection {
+    let admissible: Vec<&EpochSummary> = summaries
         .iter()
-        .filter_map(|s| s.metric(metric).map(|m| (s.epoch, m)))
+        .filter(|s| s.within_guard_bound(objective.max_guard_regression))
+        .collect();
+    if admissible.is_empty() {
+        let least_regressed = summaries
+            .iter()
+            .map(|s| (s.epoch, s.worst_guard_regression().unwrap_or(f64::INFINITY)))
+            .fold(None::<(usize, f64)>, |best, (epoch, r)| match best {
+                Some((_, b)) if b <= r => best,
+                _ => Some((epoch, r)),
+            });
+        return Selection {
+            epoch: least_regressed.map_or(0, |(epoch, _)| epoch),
+            within_guard_bound: summaries.is_empty(),
+        };
+    }
+    let best = admissible
+        .iter()
+        .filter_map(|s| s.metric(objective.metric).map(|m| (s.epoch, m)))
         .fold(None::<(usize, f64)>, |best, (epoch, m)| match best {
             Some((_, b)) if b <= m => best,
             _ => Some((epoch, m)),
         });
-    best.map(|(epoch, _)| epoch)
-        .or_else(|| summaries.last().map(|s| s.epoch))
-        .unwrap_or(0)
+    Selection {
+        epoch: best
+            .map(|(epoch, _)| epoch)
+            .or_else(|| admissible.last().map(|s| s.epoch))
+            .unwrap_or(0),
+        within_guard_bound: true,
+    }
+}
+
+/// Whether early stopping ends training: `patience` evaluations have passed since the one
+/// [`select_best`] keeps.
+fn patience_spent(summaries: &[EpochSummary], objective: &Objective) -> bool {
+    let Some(latest) = summaries.last() else {
+        return false;
+    };
+    objective.early_stopping_patience > 0
+        && latest.epoch - select_best(summaries, objective).epoch
+            >= objective.early_stopping_patience
 }
 
 #[cfg(test)]
@@ -265,9 +472,32 @@ mod tests {
             samples_per_second: 1.0,
             evals: vec![EvalResult {
                 name: "dev".into(),
+                guard: false,
                 loss,
                 cer,
+                cer_regression: None,
             }],
+        }
+    }
+
+    fn guarded(epoch: usize, cer: f64, regressions: &[f64]) -> EpochSummary {
+        let mut s = summary(epoch, 1.0, Some(cer));
+        for (i, r) in regressions.iter().enumerate() {
+            s.evals.push(EvalResult {
+                name: format!("guard{i}"),
+                guard: true,
+                loss: 1.0,
+                cer: Some(0.1 + r),
+                cer_regression: Some(*r),
+            });
+        }
+        s
+    }
+
+    fn by(metric: BestMetric) -> Objective {
+        Objective {
+            metric,
+            ..Default::default()
         }
     }
 
@@ -278,10 +508,61 @@ mod tests {
             summary(2, 0.4, Some(0.12)),
             summary(3, 0.4, Some(0.10)),
         ];
-        assert_eq!(best_epoch(&epochs, BestMetric::EvalLoss), 2);
-        assert_eq!(best_epoch(&epochs, BestMetric::Cer), 1);
+        assert_eq!(select_best(&epochs, &by(BestMetric::EvalLoss)).epoch, 2);
+        assert_eq!(select_best(&epochs, &by(BestMetric::Cer)).epoch, 1);
         let without_cer = [summary(1, 0.5, None), summary(2, 0.6, None)];
-        assert_eq!(best_epoch(&without_cer, BestMetric::Cer), 2);
-        assert_eq!(best_epoch(&[], BestMetric::EvalLoss), 0);
+        assert_eq!(select_best(&without_cer, &by(BestMetric::Cer)).epoch, 2);
+        assert_eq!(select_best(&[], &by(BestMetric::EvalLoss)).epoch, 0);
+    }
+
+    #[test]
+    fn the_guard_bound_excludes_epochs_that_forget() {
+        // In-domain CER falls each epoch while guard set 1 regresses more and more.
+        let epochs = [
+            guarded(1, 0.30, &[0.0, 0.005]),
+            guarded(2, 0.20, &[-0.01, 0.01]),
+            guarded(3, 0.10, &[0.0, 0.04]),
+        ];
+        let bounded = |bound| Objective {
+            metric: BestMetric::Cer,
+            max_guard_regression: Some(bound),
+            early_stopping_patience: 0,
+        };
+        assert_eq!(select_best(&epochs, &by(BestMetric::Cer)).epoch, 3);
+        let kept = select_best(&epochs, &bounded(0.01));
+        assert_eq!((kept.epoch, kept.within_guard_bound), (2, true));
+        assert_eq!(select_best(&epochs, &bounded(0.005)).epoch, 1);
+        // Nothing within the bound: the epoch that regresses least, flagged.
+        let kept = select_best(&epochs, &bounded(0.001));
+        assert_eq!((kept.epoch, kept.within_guard_bound), (1, false));
+    }
+
+    #[test]
+    fn early_stopping_counts_evaluations_since_the_best() {
+        let patience = |p| Objective {
+            metric: BestMetric::EvalLoss,
+            max_guard_regression: None,
+            early_stopping_patience: p,
+        };
+        let epochs = [
+            summary(1, 0.5, None),
+            summary(2, 0.4, None),
+            summary(3, 0.45, None),
+            summary(4, 0.41, None),
+        ];
+        assert!(!patience_spent(&epochs[..2], &patience(1)));
+        assert!(patience_spent(&epochs[..3], &patience(1)));
+        assert!(!patience_spent(&epochs[..3], &patience(2)));
+        assert!(patience_spent(&epochs, &patience(2)));
+        assert!(!patience_spent(&epochs, &patience(0)));
+        assert!(!patience_spent(&[], &patience(1)));
+        // An epoch beyond the guard bound is no improvement, however low its loss.
+        let guarded_epochs = [guarded(1, 0.3, &[0.0]), guarded(2, 0.1, &[0.05])];
+        let objective = Objective {
+            metric: BestMetric::Cer,
+            max_guard_regression: Some(0.01),
+            early_stopping_patience: 1,
+        };
+        assert!(patience_spent(&guarded_epochs, &objective));
     }
 }

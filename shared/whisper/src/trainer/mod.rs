@@ -23,9 +23,10 @@ use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, GradScaler, LinearSchedul
 pub use crate::train_data::Example;
 
 mod fit;
+pub use fit::select_best;
 pub use fit::{
     checkpoint_dir, checkpoint_step, checkpoints_to_prune, interrupted_dir, BestMetric,
-    EpochSummary, EvalResult, FitOptions, FitSummary,
+    EpochSummary, EvalResult, FitOptions, FitSummary, Objective, Selection,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -120,6 +121,10 @@ pub struct TrainerState {
     /// Index in `log` of the epoch under way's first step.
     #[serde(default)]
     pub epoch_log_start: usize,
+    /// The zero-shot pass over the eval sets ([`Trainer::evaluate_baseline`]), from which
+    /// guard regressions are measured (kept here so that a resumed run still has it).
+    #[serde(default)]
+    pub baseline: Vec<EvalResult>,
 }
 
 /// Token ids the collator needs.
