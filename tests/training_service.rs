@@ -386,8 +386,11 @@ async fn guard_sets_bound_the_kept_checkpoint() {
     messages.extend(real.iter().map(|c| example(c, "real")));
     let f2 = manifest_clips(&assets().join("guard/espeak-f2.jsonl"), 2);
     messages.extend(f2.iter().map(|c| example(c, "f2")));
+    // Guard-domain examples to mix into training: never the guard sets' own.
+    let voices = manifest_clips(&assets().join("guard/mix-espeak.jsonl"), 3);
+    messages.extend(voices.iter().map(|c| example(c, "voices")));
     let acks = ingest(&mut client, messages).await.expect("ingest");
-    assert_eq!(acks.len(), 15);
+    assert_eq!(acks.len(), 18);
 
     let bound = 0.0f32;
     let mut request = start_request("guarded", 3.0);
@@ -401,7 +404,13 @@ async fn guard_sets_bound_the_kept_checkpoint() {
             }),
         })
         .collect();
+    request.mix_dataset = Some(pb::DatasetRef {
+        dataset: "espeak".into(),
+        split: "voices".into(),
+    });
     if let Some(h) = request.hyperparameters.as_mut() {
+        h.mix_fraction = 0.2;
+        h.adapter_scale = Some(0.5);
         h.learning_rate = 1e-2;
         h.metric_for_best_model = pb::BestModelMetric::Cer as i32;
         h.max_guard_regression = Some(bound);
@@ -414,6 +423,12 @@ async fn guard_sets_bound_the_kept_checkpoint() {
         .expect("start")
         .into_inner();
     let events = watch(&mut client, &job.id).await;
+    // 8 in-domain examples + 2 mixed in (20 % of 10).
+    assert!(
+        matches!(events.first(), Some(Event::JobStarted(s)) if s.train_example_count == 10),
+        "{:?}",
+        events.first()
+    );
     let evaluations: Vec<&pb::training_event::Evaluated> = events
         .iter()
         .filter_map(|e| match e {
@@ -514,5 +529,24 @@ async fn guard_sets_bound_the_kept_checkpoint() {
         epochs[best as usize - 1].results,
         "the kept checkpoint's figures"
     );
+    // The exported adapter is the kept checkpoint's at adapter_scale: B halved, A as trained.
+    let output = root.path().join("jobs").join(&job.id).join("output");
+    let read = |dir: std::path::PathBuf| {
+        tch::Tensor::read_safetensors(dir.join("adapter_model.safetensors"))
+            .expect("adapter weights")
+            .into_iter()
+            .collect::<std::collections::HashMap<String, tch::Tensor>>()
+    };
+    let kept = read(output.join(format!("checkpoint-epoch-{best}")));
+    let exported = read(output.join("adapter"));
+    assert_eq!(kept.len(), exported.len());
+    for (name, trained) in &kept {
+        let scale = if name.contains("lora_B") { 0.5 } else { 1.0 };
+        let diff = (&exported[name] - trained * scale)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-7, "{name}: {diff}");
+    }
     server.stop().await;
 }

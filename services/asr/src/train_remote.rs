@@ -16,6 +16,16 @@ fn dataset_ref(name: &std::path::Path, split: &str) -> pb::DatasetRef {
     }
 }
 
+/// `DATASET` or `DATASET:SPLIT` (`default_split` when none is given).
+fn named_split(data: &std::path::Path, default_split: &str) -> pb::DatasetRef {
+    let data = data.display().to_string();
+    let (dataset, split) = data.split_once(':').unwrap_or((&data, default_split));
+    pb::DatasetRef {
+        dataset: dataset.to_string(),
+        split: split.to_string(),
+    }
+}
+
 /// The StartTrainingRequest the flags describe.
 pub fn request(
     lora: &LoraArgs,
@@ -32,27 +42,13 @@ pub fn request(
         "--target-regex and --use-rslora are not supported by the model service's jobs"
     );
     args.guard.validate()?;
-    anyhow::ensure!(
-        args.guard.mix.is_none() && args.guard.adapter_scale == 1.0,
-        "--mix and --adapter-scale are not supported by the model service's jobs yet (use --local; serve a job's adapter at a scale with asr transcribe --adapter-scale)"
-    );
-    // DATASET or DATASET:SPLIT (default --guard-split).
     let guard_eval_sets = args
         .guard
         .guards
         .iter()
-        .map(|g| {
-            let data = g.data.display().to_string();
-            let (dataset, split) = data
-                .split_once(':')
-                .unwrap_or((data.as_str(), args.guard.guard_split.as_str()));
-            pb::GuardEvalSet {
-                name: g.name.clone(),
-                dataset: Some(pb::DatasetRef {
-                    dataset: dataset.to_string(),
-                    split: split.to_string(),
-                }),
-            }
+        .map(|g| pb::GuardEvalSet {
+            name: g.name.clone(),
+            dataset: Some(named_split(&g.data, &args.guard.guard_split)),
         })
         .collect();
     Ok(pb::StartTrainingRequest {
@@ -97,6 +93,9 @@ pub fn request(
                 .then_some(args.eval_cer),
             max_guard_regression: args.guard.max_guard_regression.map(|v| v as f32),
             early_stopping_patience: args.guard.early_stopping_patience as u32,
+            mix_fraction: args.guard.mix_fraction as f32,
+            adapter_scale: (args.guard.adapter_scale != 1.0)
+                .then_some(args.guard.adapter_scale as f32),
             generation_max_length: args.generation_max_length as u32,
             language: args.language.clone(),
             task: match args.task {
@@ -106,6 +105,11 @@ pub fn request(
             ..Default::default()
         }),
         output_adapter: output_adapter.to_string(),
+        mix_dataset: args
+            .guard
+            .mix
+            .as_ref()
+            .map(|m| named_split(m, &args.guard.mix_split)),
         ..Default::default()
     })
 }
@@ -216,15 +220,26 @@ mod tests {
         assert_eq!(h.max_guard_regression, Some(0.01));
         assert_eq!(h.early_stopping_patience, 2);
         assert_eq!(h.predict_with_generate, None);
+        assert_eq!((h.mix_fraction, h.adapter_scale), (0.0, None));
+        assert!(r.mix_dataset.is_none());
         let mixed = Flags::parse_from([
             "asr",
             "--train",
             "espeak",
             "--mix",
-            "m.jsonl",
+            "voices",
             "--mix-fraction",
             "0.2",
+            "--adapter-scale",
+            "0.5",
         ]);
-        assert!(request(&mixed.lora, &mixed.recipe, "zh-lora").is_err());
+        let r = request(&mixed.lora, &mixed.recipe, "zh-lora").expect("request");
+        let mix = r.mix_dataset.expect("mix");
+        assert_eq!(
+            (mix.dataset.as_str(), mix.split.as_str()),
+            ("voices", "train")
+        );
+        let h = r.hyperparameters.expect("hyperparameters");
+        assert_eq!((h.mix_fraction, h.adapter_scale), (0.2, Some(0.5)));
     }
 }

@@ -24,7 +24,7 @@ use crate::error::ModelError;
 use crate::ingest::{self, IngestContext, Ingesting, LabelChecker};
 use crate::options::{ModelFacts, StreamOptions, MAX_BEAM_SIZE};
 use crate::registry::{validate_name, Registry};
-use crate::training::{JobSpec, Jobs, Runner};
+use crate::training::{check_inputs, JobSpec, Jobs, Runner};
 use crate::transcribe::{self, AdapterUse, StreamContext};
 use asr_runtime::metrics::Registry as Metrics;
 use asr_runtime::trace_context::request_span;
@@ -553,58 +553,7 @@ impl ModelService for ModelServer {
             let request = request.into_inner();
             let spec = JobSpec::from_request(&request)?;
             let model = self.engine()?.ready()?;
-            for (data, field) in [
-                (Some(&spec.train), "train_dataset"),
-                (spec.eval.as_ref(), "eval_dataset"),
-            ] {
-                let Some(data) = data else { continue };
-                let dataset = self.datasets.get(&data.dataset).map_err(|e| match e {
-                    ModelError::NotFound { .. } => ModelError::NotFound {
-                        what: if field == "train_dataset" {
-                            "train_dataset.dataset"
-                        } else {
-                            "eval_dataset.dataset"
-                        },
-                        name: data.dataset.clone(),
-                    },
-                    other => other,
-                })?;
-                if dataset.meta.n_mels != model.n_mels {
-                    return Err(ModelError::FailedPrecondition(format!(
-                        "{field}: dataset {:?} holds {}-mel features; the model takes {}",
-                        data.dataset, dataset.meta.n_mels, model.n_mels
-                    ))
-                    .into());
-                }
-                if dataset.split(&data.split).next().is_none() {
-                    return Err(if dataset.examples.is_empty() {
-                        ModelError::FailedPrecondition(format!(
-                            "{field}: dataset {:?} is empty",
-                            data.dataset
-                        ))
-                    } else {
-                        ModelError::NotFound {
-                            what: if field == "train_dataset" {
-                                "train_dataset.split"
-                            } else {
-                                "eval_dataset.split"
-                            },
-                            name: data.split.clone(),
-                        }
-                    }
-                    .into());
-                }
-                if field == "train_dataset"
-                    && spec.language.is_empty()
-                    && dataset.meta.language.is_empty()
-                {
-                    return Err(ModelError::invalid(
-                        "hyperparameters.language",
-                        "required: the train dataset records no language",
-                    )
-                    .into());
-                }
-            }
+            check_inputs(&spec, &self.datasets, model.n_mels)?;
             if !spec.language.is_empty() && !model.languages.contains(&spec.language) {
                 return Err(ModelError::invalid(
                     "hyperparameters.language",

@@ -191,7 +191,21 @@ impl Runner {
             },
         )
         .context("loading the base model for training")?;
-        let (train, _) = self.examples(&spec.train, &loaded, &language, spec)?;
+        let (mut train, _) = self.examples(&spec.train, &loaded, &language, spec)?;
+        if let Some((data, fraction)) = &spec.mix {
+            let want = (train.len() as f64 * fraction / (1.0 - fraction)).round() as usize;
+            let (mut mixed, _) = self
+                .examples(data, &loaded, &language, spec)
+                .context("mix_dataset")?;
+            anyhow::ensure!(
+                mixed.len() >= want,
+                "mix_fraction {fraction} needs {want} examples of mix_dataset {}, which has {}",
+                data.dataset,
+                mixed.len()
+            );
+            mixed.truncate(want);
+            train.extend(mixed);
+        }
         let mut evals = Vec::with_capacity(1 + spec.guards.len());
         if let Some(data) = &spec.eval {
             let (examples, texts) = self.examples(data, &loaded, &language, spec)?;
@@ -364,6 +378,7 @@ impl Runner {
             save_total_limit: spec.save_total_limit,
             objective,
             generation: generation_eval.clone(),
+            adapter_scale: spec.adapter_scale,
             ..FitOptions::new(self.model_dir.display().to_string())
         };
         let fit = match trainer.fit(&train, &evals, &output, &options, on_step, on_epoch) {

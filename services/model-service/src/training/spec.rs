@@ -34,6 +34,10 @@ pub struct JobSpec {
     pub train: DataRef,
     pub eval: Option<DataRef>,
     pub guards: Vec<GuardRef>,
+    /// Guard-domain data mixed into training, and the share of the training set it makes.
+    pub mix: Option<(DataRef, f64)>,
+    /// Scale of evaluations and of the exported adapter (1: the recipe).
+    pub adapter_scale: f64,
     pub lora: LoraConfig,
     pub train_config: TrainConfig,
     /// Requested compute precision; AUTO is resolved on the device at run time.
@@ -325,6 +329,29 @@ impl JobSpec {
         if !h.language.is_empty() {
             validate_name(&h.language, &field("language"))?;
         }
+        let mix = match (&request.mix_dataset, h.mix_fraction) {
+            (None, f) if f == 0.0 => None,
+            (Some(data), f) if f.is_finite() && f > 0.0 && f < 1.0 => {
+                Some((data_ref("mix_dataset", data)?, decimal(f)))
+            }
+            (Some(_), f) => {
+                return Err(invalid(
+                    &field("mix_fraction"),
+                    format!("must be in (0, 1) with a mix_dataset, got {f}"),
+                ))
+            }
+            (None, _) => return Err(invalid("mix_dataset", "mix_fraction needs a mix_dataset")),
+        };
+        let adapter_scale = match h.adapter_scale {
+            None => 1.0,
+            Some(v) if (0.0..=1.0).contains(&v) => decimal(v),
+            Some(v) => {
+                return Err(invalid(
+                    &field("adapter_scale"),
+                    format!("must be in [0, 1], got {v}"),
+                ))
+            }
+        };
         let task = match pb::Task::try_from(h.task) {
             Ok(pb::Task::Unspecified | pb::Task::Transcribe) => Task::Transcribe,
             Ok(pb::Task::Translate) => Task::Translate,
@@ -334,6 +361,8 @@ impl JobSpec {
             train,
             eval,
             guards,
+            mix,
+            adapter_scale,
             lora,
             train_config: TrainConfig {
                 epochs,
@@ -535,5 +564,52 @@ mod tests {
         let mut bad = r.clone();
         bad.eval_dataset = None;
         assert_eq!(field_of(JobSpec::from_request(&bad)), "eval_dataset");
+    }
+
+    #[test]
+    fn mixing_and_the_adapter_scale_are_checked() {
+        let mut r = request();
+        r.mix_dataset = Some(pb::DatasetRef {
+            dataset: "guard-domain".into(),
+            split: "train".into(),
+        });
+        r.hyperparameters = Some(pb::TrainingHyperparameters {
+            mix_fraction: 0.2,
+            adapter_scale: Some(0.5),
+            ..Default::default()
+        });
+        let spec = JobSpec::from_request(&r).expect("valid");
+        let (data, fraction) = spec.mix.expect("mix");
+        assert_eq!((data.dataset.as_str(), fraction), ("guard-domain", 0.2));
+        assert_eq!(spec.adapter_scale, 0.5);
+        let hyper = |h: pb::TrainingHyperparameters| {
+            let mut bad = r.clone();
+            bad.hyperparameters = Some(h);
+            field_of(JobSpec::from_request(&bad))
+        };
+        assert_eq!(
+            hyper(pb::TrainingHyperparameters {
+                mix_fraction: 1.0,
+                ..Default::default()
+            }),
+            "hyperparameters.mix_fraction"
+        );
+        assert_eq!(
+            hyper(pb::TrainingHyperparameters {
+                mix_fraction: 0.2,
+                adapter_scale: Some(1.5),
+                ..Default::default()
+            }),
+            "hyperparameters.adapter_scale"
+        );
+        let mut bad = r.clone();
+        bad.mix_dataset = None;
+        assert_eq!(field_of(JobSpec::from_request(&bad)), "mix_dataset");
+        assert_eq!(
+            JobSpec::from_request(&request())
+                .expect("valid")
+                .adapter_scale,
+            1.0
+        );
     }
 }
