@@ -475,7 +475,7 @@ fn resumed_training_equals_uninterrupted_training() {
 /// losses and final adapter as a run never stopped.
 #[test]
 fn suspended_mid_epoch_training_resumes_exactly() {
-    use asr_whisper::trainer::{interrupted_dir, FitOptions, Suspended};
+    use asr_whisper::trainer::{interrupted_dir, EpochSummary, FitOptions, StepLog, Suspended};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     let _training = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
@@ -491,8 +491,7 @@ fn suspended_mid_epoch_training_resumes_exactly() {
             &[],
             straight_dir.path(),
             &options,
-            |_| {},
-            |_| {},
+            (|_: &StepLog| {}, |_: &EpochSummary| {}),
         )
         .expect("straight run");
     let straight_log = straight.state.log.clone();
@@ -511,8 +510,10 @@ fn suspended_mid_epoch_training_resumes_exactly() {
             &[],
             output.path(),
             &options,
-            |log| suspend.store(log.step == 3, Ordering::Relaxed),
-            |_| {},
+            (
+                |log: &StepLog| suspend.store(log.step == 3, Ordering::Relaxed),
+                |_: &EpochSummary| {},
+            ),
         )
         .expect_err("suspended");
     assert!(error.downcast_ref::<Suspended>().is_some(), "{error:#}");
@@ -532,8 +533,7 @@ fn suspended_mid_epoch_training_resumes_exactly() {
             &[],
             output.path(),
             &options,
-            |_| {},
-            |_| {},
+            (|_: &StepLog| {}, |_: &EpochSummary| {}),
         )
         .expect("resumed run");
     assert_eq!(summary.epochs.len(), 2);
@@ -547,7 +547,7 @@ fn suspended_mid_epoch_training_resumes_exactly() {
 fn fit_keeps_the_best_checkpoint_and_ends_on_it() {
     use asr_whisper::evaluation::EvalSet;
     use asr_whisper::trainer::{
-        checkpoint_dir, Example, FitOptions, LabelIds, TrainConfig, Trainer,
+        checkpoint_dir, EpochSummary, Example, FitOptions, LabelIds, StepLog, TrainConfig, Trainer,
     };
     let _training = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
     let f = Fixture::new_with_inputs(4);
@@ -592,13 +592,15 @@ fn fit_keeps_the_best_checkpoint_and_ends_on_it() {
             &evals,
             &output,
             &options,
-            |_| {},
-            |e| {
-                println!(
-                    "epoch {}: step {}, train loss {:.4}, eval loss {:.4}",
-                    e.epoch, e.steps, e.train_loss, e.evals[0].loss
-                )
-            },
+            (
+                |_: &StepLog| {},
+                |e: &EpochSummary| {
+                    println!(
+                        "epoch {}: step {}, train loss {:.4}, eval loss {:.4}",
+                        e.epoch, e.steps, e.train_loss, e.evals[0].loss
+                    )
+                },
+            ),
         )
         .expect("fit");
     assert_eq!(summary.epochs.len(), 3);

@@ -416,6 +416,8 @@ async fn guard_sets_bound_the_kept_checkpoint() {
         h.max_guard_regression = Some(bound);
         h.early_stopping_patience = 1;
         h.generation_max_length = 40;
+        // 10 examples in batches of 4: 3 steps an epoch, evaluated also at step 2 of each.
+        h.eval_steps = 2;
     }
     let job = client
         .start_training(request)
@@ -449,9 +451,22 @@ async fn guard_sets_bound_the_kept_checkpoint() {
         .iter()
         .all(|r| r.cer.is_some() && r.cer_regression.is_none()));
     assert_eq!(baseline.results[1].example_count, 2);
-    let epochs = &evaluations[1..];
+    // Evaluations within epochs (fractional epoch) report; those at epoch ends select.
+    let (within_epochs, epochs): (Vec<_>, Vec<_>) = evaluations[1..]
+        .iter()
+        .copied()
+        .partition(|v| v.epoch.fract() != 0.0);
     assert!(!epochs.is_empty());
-    for evaluation in epochs {
+    assert_eq!(
+        within_epochs
+            .first()
+            .map(|v| (v.global_step, v.results.len())),
+        Some((2, 3)),
+        "{within_epochs:?}"
+    );
+    assert!(within_epochs.iter().all(|v| v.global_step % 2 == 0));
+    let epochs = &epochs[..];
+    for evaluation in epochs.iter().chain(&within_epochs) {
         for (after, before) in evaluation.results.iter().zip(&baseline.results) {
             let expected = (after.guard).then(|| after.cer.unwrap() - before.cer.unwrap());
             match (after.cer_regression, expected) {

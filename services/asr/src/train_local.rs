@@ -14,7 +14,7 @@ use asr_whisper::optim::AdamWConfig;
 use asr_whisper::train_data::{prepare_set, LabelSpec, PreparedSet};
 use asr_whisper::trainer::{
     checkpoint_dir, BestMetric, EpochSummary, EvalResult, FitOptions, LabelIds, MixedPrecision,
-    Objective, StepLog, TrainConfig, Trainer,
+    Objective, StepEvaluation, StepLog, TrainConfig, Trainer,
 };
 use asr_whisper::{Adapter, LoadOptions, LoadedModel, OutputProjection, Precision, Task};
 use clap::{Args, ValueEnum};
@@ -91,6 +91,10 @@ pub struct RecipeArgs {
     /// Evaluate by generation too (CER), as predict_with_generate.
     #[arg(long)]
     pub eval_cer: bool,
+    /// Also evaluate every N optimiser steps within epochs (reported; checkpoints and the
+    /// kept adapter stay per epoch).
+    #[arg(long)]
+    pub eval_steps: Option<i64>,
     /// Prompt plus generated tokens when evaluating by generation.
     #[arg(long, default_value_t = 96)]
     pub generation_max_length: usize,
@@ -179,6 +183,8 @@ struct RunSummary<'a> {
     within_guard_bound: bool,
     /// The scale of the evaluations and of the exported adapter.
     adapter_scale: f64,
+    /// Evaluations within epochs (--eval-steps).
+    step_evals: &'a [StepEvaluation],
     stopped_early: bool,
     adapter: String,
 }
@@ -512,9 +518,30 @@ pub fn run(lora: &LoraArgs, args: &RecipeArgs) -> anyhow::Result<()> {
         objective,
         generation: generation_eval.clone(),
         adapter_scale: args.guard.adapter_scale,
+        eval_steps: args.eval_steps,
         ..FitOptions::new(args.model.display().to_string())
     };
-    let fit = trainer.fit(&train.examples, &evals, output, &options, on_step, on_epoch)?;
+    let on_evaluated = |evaluation: &StepEvaluation| {
+        bar.suspend(|| {
+            println!(
+                "evaluated at step {} (epoch {:.2}){}",
+                evaluation.step,
+                evaluation.epoch,
+                evaluation
+                    .evals
+                    .iter()
+                    .map(|e| format!(", {} {}", e.name, eval_cell(e).trim()))
+                    .collect::<String>()
+            )
+        });
+    };
+    let fit = trainer.fit(
+        &train.examples,
+        &evals,
+        output,
+        &options,
+        (on_step, on_evaluated, on_epoch),
+    )?;
     bar.finish_and_clear();
 
     println!();
@@ -607,6 +634,7 @@ pub fn run(lora: &LoraArgs, args: &RecipeArgs) -> anyhow::Result<()> {
         best_epoch: fit.best_epoch,
         within_guard_bound: fit.within_guard_bound,
         adapter_scale: args.guard.adapter_scale,
+        step_evals: &trainer.state.step_evals,
         stopped_early: fit.stopped_early,
         adapter: adapter_dir.display().to_string(),
     };

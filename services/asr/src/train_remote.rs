@@ -94,6 +94,7 @@ pub fn request(
             max_guard_regression: args.guard.max_guard_regression.map(|v| v as f32),
             early_stopping_patience: args.guard.early_stopping_patience as u32,
             mix_fraction: args.guard.mix_fraction as f32,
+            eval_steps: args.eval_steps.unwrap_or(0).max(0) as u32,
             adapter_scale: (args.guard.adapter_scale != 1.0)
                 .then_some(args.guard.adapter_scale as f32),
             generation_max_length: args.generation_max_length as u32,

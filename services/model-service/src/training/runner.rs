@@ -14,7 +14,7 @@ use asr_whisper::labels::label_tokens;
 use asr_whisper::train_data::{Example, Window};
 use asr_whisper::trainer::{
     checkpoint_dir, checkpoint_step, interrupted_dir, select_best, BestMetric, Cancelled,
-    EpochSummary, EvalResult, FitOptions, LabelIds, StepLog, Suspended, Trainer,
+    EpochSummary, EvalResult, FitOptions, LabelIds, StepEvaluation, StepLog, Suspended, Trainer,
 };
 use asr_whisper::{Adapter, LoadOptions, LoadedModel, OutputProjection, Precision};
 use tch::Device;
@@ -379,9 +379,27 @@ impl Runner {
             objective,
             generation: generation_eval.clone(),
             adapter_scale: spec.adapter_scale,
+            eval_steps: spec.eval_steps,
             ..FitOptions::new(self.model_dir.display().to_string())
         };
-        let fit = match trainer.fit(&train, &evals, &output, &options, on_step, on_epoch) {
+        let on_evaluated = |evaluation: &StepEvaluation| {
+            let _ = jobs.push_event(
+                id,
+                Event::Evaluated(pb::training_event::Evaluated {
+                    epoch: evaluation.epoch as f32,
+                    global_step: evaluation.step as u64,
+                    results: eval_set_results(&evaluation.evals, &evals),
+                    runtime_seconds: 0.0,
+                }),
+            );
+        };
+        let fit = match trainer.fit(
+            &train,
+            &evals,
+            &output,
+            &options,
+            (on_step, on_evaluated, on_epoch),
+        ) {
             Err(e) if e.downcast_ref::<Suspended>().is_some() => {
                 let _ = self.jobs.push_event(
                     id,

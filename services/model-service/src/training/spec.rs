@@ -38,6 +38,8 @@ pub struct JobSpec {
     pub mix: Option<(DataRef, f64)>,
     /// Scale of evaluations and of the exported adapter (1: the recipe).
     pub adapter_scale: f64,
+    /// Extra evaluations every N steps within epochs.
+    pub eval_steps: Option<i64>,
     pub lora: LoraConfig,
     pub train_config: TrainConfig,
     /// Requested compute precision; AUTO is resolved on the device at run time.
@@ -247,10 +249,14 @@ impl JobSpec {
                 _ => return Err(unsupported(&field(name), "a strategy other than EPOCH")),
             }
         }
-        for (value, name) in [(h.eval_steps, "eval_steps"), (h.save_steps, "save_steps")] {
-            if value != 0 {
-                return Err(unsupported(&field(name), name));
-            }
+        if h.save_steps != 0 {
+            return Err(unsupported(&field("save_steps"), "save_steps"));
+        }
+        if h.eval_steps > 0 && eval.is_none() && guards.is_empty() {
+            return Err(invalid(
+                &field("eval_steps"),
+                "evaluations every eval_steps need an eval dataset or guard eval sets",
+            ));
         }
         if h.early_stopping_patience > 0 && eval.is_none() {
             return Err(invalid(
@@ -363,6 +369,7 @@ impl JobSpec {
             guards,
             mix,
             adapter_scale,
+            eval_steps: (h.eval_steps > 0).then_some(i64::from(h.eval_steps)),
             lora,
             train_config: TrainConfig {
                 epochs,

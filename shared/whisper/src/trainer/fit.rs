@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use super::{Example, StepLog, Suspended, Trainer};
+use super::{Example, Progress, StepLog, Suspended, Trainer};
 use crate::evaluation::{EvalSet, GenerationEval};
 
 /// What `load_best_model_at_end` compares, on the first in-domain (non-guard) eval set (lower
@@ -55,6 +55,56 @@ pub struct FitOptions<'a> {
     /// adapter exported (its B multiplied by it, so that it serves as evaluated at scale 1):
     /// below 1 the adapter moves the base model only part of the way. 1 is the recipe.
     pub adapter_scale: f64,
+    /// Also evaluate every eval set after every this many optimiser steps within an epoch
+    /// (reported through [`FitListener::evaluated`] and kept in the state; checkpoints and
+    /// the choice of the kept adapter stay per epoch). `None`: at epoch ends only.
+    pub eval_steps: Option<i64>,
+}
+
+/// What [`Trainer::fit`] reports as it goes. A pair of closures `(on_step, on_epoch)` is one;
+/// a triple `(on_step, on_evaluated, on_epoch)` also sees the evaluations within epochs.
+pub trait FitListener {
+    /// Every optimiser step's log.
+    fn step(&mut self, _log: &StepLog) {}
+    /// An evaluation within an epoch ([`FitOptions::eval_steps`]).
+    fn evaluated(&mut self, _evaluation: &StepEvaluation) {}
+    /// An epoch's figures, once its checkpoint is on disk.
+    fn epoch(&mut self, _summary: &EpochSummary) {}
+}
+
+impl<S: FnMut(&StepLog), E: FnMut(&EpochSummary)> FitListener for (S, E) {
+    fn step(&mut self, log: &StepLog) {
+        (self.0)(log)
+    }
+    fn epoch(&mut self, summary: &EpochSummary) {
+        (self.1)(summary)
+    }
+}
+
+impl<S, V, E> FitListener for (S, V, E)
+where
+    S: FnMut(&StepLog),
+    V: FnMut(&StepEvaluation),
+    E: FnMut(&EpochSummary),
+{
+    fn step(&mut self, log: &StepLog) {
+        (self.0)(log)
+    }
+    fn evaluated(&mut self, evaluation: &StepEvaluation) {
+        (self.1)(evaluation)
+    }
+    fn epoch(&mut self, summary: &EpochSummary) {
+        (self.2)(summary)
+    }
+}
+
+/// The figures of an evaluation within an epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepEvaluation {
+    pub step: i64,
+    /// Fractional epoch.
+    pub epoch: f64,
+    pub evals: Vec<EvalResult>,
 }
 
 impl FitOptions<'_> {
@@ -65,6 +115,7 @@ impl FitOptions<'_> {
             objective: Objective::default(),
             generation: None,
             adapter_scale: 1.0,
+            eval_steps: None,
         }
     }
 }
@@ -239,8 +290,7 @@ impl Trainer<'_> {
         evals: &[EvalSet],
         output: &Path,
         options: &FitOptions,
-        mut on_step: impl FnMut(&StepLog),
-        mut on_epoch: impl FnMut(&EpochSummary),
+        mut listener: impl FitListener,
     ) -> anyhow::Result<FitSummary> {
         let objective = options.objective;
         anyhow::ensure!(
@@ -281,15 +331,37 @@ impl Trainer<'_> {
             );
         }
         let mut stopped_early = false;
+        // Training time of the epoch under way, evaluations within it excluded.
+        let mut epoch_started = Instant::now();
         loop {
             if patience_spent(&self.state.epochs, &objective) {
                 stopped_early = true;
                 break;
             }
-            let started = Instant::now();
-            match self.train_epoch(train, &mut on_step) {
-                Ok(true) => {}
-                Ok(false) => break,
+            let pause_every = options.eval_steps.filter(|&n| n > 0);
+            match self.train_until(train, |log| listener.step(log), pause_every) {
+                Ok(Progress::EpochEnded) => {}
+                Ok(Progress::Complete) => break,
+                Ok(Progress::Paused) => {
+                    let evaluating = Instant::now();
+                    let mut results = Vec::with_capacity(evals.len());
+                    for set in evals {
+                        results.push(self.evaluate_set_at(
+                            set,
+                            options.generation.as_ref(),
+                            options.adapter_scale,
+                        )?);
+                    }
+                    let evaluation = StepEvaluation {
+                        step: self.state.global_step,
+                        epoch: self.state.log.last().map_or(0.0, |l| l.epoch),
+                        evals: results,
+                    };
+                    listener.evaluated(&evaluation);
+                    self.state.step_evals.push(evaluation);
+                    epoch_started += evaluating.elapsed();
+                    continue;
+                }
                 Err(e) if e.downcast_ref::<Suspended>().is_some() => {
                     self.save_checkpoint(&interrupted_dir(output), &options.base_model)?;
                     return Err(e);
@@ -297,7 +369,7 @@ impl Trainer<'_> {
                 Err(e) => return Err(e),
             }
             // After a mid-epoch resume this times only the steps since.
-            let seconds = started.elapsed().as_secs_f64();
+            let seconds = epoch_started.elapsed().as_secs_f64();
             let epoch_logs =
                 &self.state.log[self.state.epoch_log_start.min(self.state.log.len())..];
             let train_loss =
@@ -343,8 +415,9 @@ impl Trainer<'_> {
             }
             // Reported once its checkpoint is on disk, so a listener may rely on it.
             if let Some(summary) = self.state.epochs.last() {
-                on_epoch(summary);
+                listener.epoch(summary);
             }
+            epoch_started = Instant::now();
         }
         let best = select_best(&self.state.epochs, &objective);
         if best.epoch > 0 {

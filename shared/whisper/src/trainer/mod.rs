@@ -26,7 +26,8 @@ mod fit;
 pub use fit::select_best;
 pub use fit::{
     checkpoint_dir, checkpoint_step, checkpoints_to_prune, interrupted_dir, BestMetric,
-    EpochSummary, EvalResult, FitOptions, FitSummary, Objective, Selection,
+    EpochSummary, EvalResult, FitListener, FitOptions, FitSummary, Objective, Selection,
+    StepEvaluation,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -121,10 +122,24 @@ pub struct TrainerState {
     /// Index in `log` of the epoch under way's first step.
     #[serde(default)]
     pub epoch_log_start: usize,
+    /// The evaluations every [`FitOptions::eval_steps`] steps within epochs.
+    #[serde(default)]
+    pub step_evals: Vec<StepEvaluation>,
     /// The zero-shot pass over the eval sets ([`Trainer::evaluate_baseline`]), from which
     /// guard regressions are measured (kept here so that a resumed run still has it).
     #[serde(default)]
     pub baseline: Vec<EvalResult>,
+}
+
+/// Where [`Trainer::train_until`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Progress {
+    /// Training was already complete; nothing ran.
+    Complete,
+    /// An epoch ended (possibly the last).
+    EpochEnded,
+    /// Mid-epoch, at a multiple of the pause interval.
+    Paused,
 }
 
 /// Token ids the collator needs.
@@ -254,10 +269,22 @@ impl<'a> Trainer<'a> {
     pub fn train_epoch(
         &mut self,
         examples: &[Example],
-        mut on_step: impl FnMut(&StepLog),
+        on_step: impl FnMut(&StepLog),
     ) -> anyhow::Result<bool> {
+        Ok(self.train_until(examples, on_step, None)? != Progress::Complete)
+    }
+
+    /// [`Trainer::train_epoch`] that also pauses after every optimiser step that is a
+    /// multiple of `pause_every` (not the epoch's last); called again, it continues the epoch
+    /// where it paused, exactly as a suspended run resumes.
+    pub(crate) fn train_until(
+        &mut self,
+        examples: &[Example],
+        mut on_step: impl FnMut(&StepLog),
+        pause_every: Option<i64>,
+    ) -> anyhow::Result<Progress> {
         if self.finished() {
-            return Ok(false);
+            return Ok(Progress::Complete);
         }
         let epoch = self.state.epochs_done;
         let order = shuffled(examples.len(), self.config.seed ^ (epoch as u64 + 1));
@@ -326,10 +353,14 @@ impl<'a> Trainer<'a> {
             if self.finished() {
                 break;
             }
+            let epoch_ends = self.state.windows_done * self.config.grad_accum >= batches.len();
+            if !epoch_ends && pause_every.is_some_and(|n| self.state.global_step % n == 0) {
+                return Ok(Progress::Paused);
+            }
         }
         self.state.windows_done = 0;
         self.state.epochs_done += 1;
-        Ok(true)
+        Ok(Progress::EpochEnded)
     }
 
     /// Mean label loss over `examples` in batches of `batch_size`, dropout off (the
