@@ -573,21 +573,32 @@ pub async fn watch(client: &mut ModelServiceClient<AuthChannel>, id: &str) -> an
                 s.global_step, s.epoch, s.loss, s.learning_rate, s.grad_norm, s.samples_per_second
             ),
             Some(Event::Evaluated(e)) => {
+                let when = if e.global_step == 0 {
+                    "zero-shot".to_string()
+                } else {
+                    format!("eval epoch {:.2} step {}", e.epoch, e.global_step)
+                };
                 for r in e.results {
-                    println!(
-                        "eval epoch {}: {} loss {:.4}{}",
-                        e.epoch,
-                        r.name,
-                        r.loss,
-                        r.cer.map_or(String::new(), |c| format!(", CER {:.2}%", c * 100.0))
-                    );
+                    println!("{when}: {}", eval_line(&r));
                 }
             }
             Some(Event::CheckpointSaved(c)) => {
                 println!("checkpoint {}{}", c.name, if c.is_best { " (best so far)" } else { "" })
             }
             Some(Event::JobFinished(f)) => {
-                println!("finished at step {}: adapter {:?} ({})", f.global_step, f.adapter, f.best_checkpoint);
+                println!("finished at step {}: adapter {:?} ({}){}", f.global_step, f.adapter, f.best_checkpoint,
+                    if f.stopped_early { ", stopped early" } else { "" });
+                for r in &f.best_results {
+                    let before = f.baseline_results.iter().find(|b| b.name == r.name).and_then(|b| b.cer);
+                    println!(
+                        "  kept: {}{}",
+                        eval_line(r),
+                        before.map_or(String::new(), |b| format!(" (zero-shot {:.2}%)", b * 100.0))
+                    );
+                }
+                if !f.within_guard_bound {
+                    println!("  warning: no checkpoint kept every guard set within max_guard_regression; kept the least regressed");
+                }
                 return Ok(());
             }
             Some(Event::JobFailed(f)) => anyhow::bail!("job {id} failed at step {}: {}", f.global_step, f.reason),
@@ -596,6 +607,20 @@ pub async fn watch(client: &mut ModelServiceClient<AuthChannel>, id: &str) -> an
         }
     }
     Ok(())
+}
+
+/// One eval set's figures: loss, CER, and a guard set's change from zero-shot.
+fn eval_line(r: &pb::EvalSetResult) -> String {
+    format!(
+        "{}{} loss {:.4}{}{}",
+        r.name,
+        if r.guard { " (guard)" } else { "" },
+        r.loss,
+        r.cer
+            .map_or(String::new(), |c| format!(", CER {:.2}%", c * 100.0)),
+        r.cer_regression
+            .map_or(String::new(), |d| format!(", {:+.2} points", d * 100.0))
+    )
 }
 
 /// `asr adapters list|load|delete` against the model service's registry.
