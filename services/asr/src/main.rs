@@ -13,6 +13,7 @@ mod train;
 mod train_guard;
 mod train_local;
 mod train_remote;
+mod train_report;
 mod transcribe;
 mod transcribe_remote;
 

@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use asr_whisper::trainer::{EpochSummary, EvalResult};
 use clap::Args;
 
 #[derive(Args, Clone, Debug)]
@@ -140,46 +139,6 @@ impl GuardArgs {
             return 0;
         }
         (train as f64 * f / (1.0 - f)).round() as usize
-    }
-}
-
-/// `+0.83` points, or `-` without a figure.
-pub fn regression_cell(result: &EvalResult) -> String {
-    match result.cer_regression {
-        Some(r) => format!("{:+.2}", r * 100.0),
-        None => "-".into(),
-    }
-}
-
-/// The before/after table of every eval set: zero-shot CER, the kept epoch's CER, and the
-/// difference in points.
-pub fn print_before_after(baseline: &[EvalResult], kept: &EpochSummary, bound: Option<f64>) {
-    println!(
-        "{:<16} {:>6} {:>11} {:>11} {:>9}",
-        "eval set", "kind", "zero-shot", "after", "change"
-    );
-    for after in &kept.evals {
-        let before = baseline.iter().find(|b| b.name == after.name);
-        let cer = |r: Option<&EvalResult>| {
-            r.and_then(|r| r.cer)
-                .map_or("-".to_string(), |c| format!("{:.2}%", c * 100.0))
-        };
-        let change = match (before.and_then(|b| b.cer), after.cer) {
-            (Some(b), Some(a)) => format!("{:+.2}", (a - b) * 100.0),
-            _ => "-".into(),
-        };
-        let flag = match (after.guard, bound, after.cer_regression) {
-            (true, Some(bound), Some(r)) if r > bound + 1e-9 => "  over the bound",
-            _ => "",
-        };
-        println!(
-            "{:<16} {:>6} {:>11} {:>11} {:>9}{flag}",
-            after.name,
-            if after.guard { "guard" } else { "domain" },
-            cer(before),
-            cer(Some(after)),
-            change
-        );
     }
 }
 

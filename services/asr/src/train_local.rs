@@ -23,7 +23,8 @@ use serde::Serialize;
 
 use crate::process::peak_rss_bytes;
 use crate::train::LoraArgs;
-use crate::train_guard::{print_before_after, regression_cell, GuardArgs};
+use crate::train_guard::GuardArgs;
+use crate::train_report::{eval_cell, print_before_after, print_epoch_table};
 use crate::transcribe::{parse_device, TaskArg};
 
 /// The recipe's flags, named as the notebook's `Seq2SeqTrainingArguments` name them.
@@ -256,20 +257,6 @@ fn prepare(
         path.display()
     );
     Ok(set)
-}
-
-/// Loss and CER of one eval set; guard sets also get their CER change (points) from the
-/// zero-shot pass.
-fn eval_cell(result: &EvalResult) -> String {
-    let cell = match result.cer {
-        Some(cer) => format!("{:>9.4} {:>7.2}%", result.loss, cer * 100.0),
-        None => format!("{:>9.4} {:>8}", result.loss, "-"),
-    };
-    if result.guard {
-        format!("{cell} {:>7}", regression_cell(result))
-    } else {
-        cell
-    }
 }
 
 pub fn run(lora: &LoraArgs, args: &RecipeArgs) -> anyhow::Result<()> {
@@ -545,56 +532,7 @@ pub fn run(lora: &LoraArgs, args: &RecipeArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
 
     println!();
-    println!(
-        "{:>5} {:>7} {:>10} {:>10}{}",
-        "epoch",
-        "step",
-        "train loss",
-        "samples/s",
-        evals
-            .iter()
-            .map(|e| {
-                let columns = format!(" {:>9} {:>8}", format!("{} loss", e.name), "CER");
-                if e.guard {
-                    format!("{columns} {:>7}", "change")
-                } else {
-                    columns
-                }
-            })
-            .collect::<String>()
-    );
-    if !baseline.is_empty() {
-        println!(
-            "{:>5} {:>7} {:>10} {:>10}{}",
-            "0",
-            "0",
-            "-",
-            "-",
-            baseline
-                .iter()
-                .map(|e| format!(" {}", eval_cell(e)))
-                .collect::<String>()
-        );
-    }
-    for epoch in &fit.epochs {
-        println!(
-            "{:>5} {:>7} {:>10.4} {:>10.2}{}{}",
-            epoch.epoch,
-            epoch.steps,
-            epoch.train_loss,
-            epoch.samples_per_second,
-            epoch
-                .evals
-                .iter()
-                .map(|e| format!(" {}", eval_cell(e)))
-                .collect::<String>(),
-            if epoch.epoch == fit.best_epoch {
-                "  <- best"
-            } else {
-                ""
-            }
-        );
-    }
+    print_epoch_table(&evals, &baseline, &fit);
     let adapter_dir = output.join("adapter");
     if fit.stopped_early {
         println!(

@@ -23,12 +23,12 @@ use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, GradScaler, LinearSchedul
 pub use crate::train_data::Example;
 
 mod fit;
-pub use fit::select_best;
+mod selection;
 pub use fit::{
-    checkpoint_dir, checkpoint_step, checkpoints_to_prune, interrupted_dir, BestMetric,
-    EpochSummary, EvalResult, FitListener, FitOptions, FitSummary, Objective, Selection,
-    StepEvaluation,
+    checkpoint_dir, checkpoint_step, checkpoints_to_prune, interrupted_dir, FitListener,
+    FitOptions, FitSummary, StepEvaluation,
 };
+pub use selection::{select_best, BestMetric, EpochSummary, EvalResult, Objective, Selection};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
