@@ -38,9 +38,26 @@ pub struct GuardArgs {
     pub mix_fraction: f64,
     /// Scale of the adapter's delta (0..=1) at which every epoch is evaluated and the kept
     /// adapter exported (B multiplied by it, so it serves as evaluated): below 1 the adapter
-    /// moves the base model only part of the way. 1 is the recipe.
-    #[arg(long, default_value_t = 1.0)]
+    /// moves the base model only part of the way. 1 is the recipe (--preset guarded: 0.7).
+    #[arg(
+        long,
+        default_value_t = 1.0,
+        default_value_if("preset", "guarded", "0.7")
+    )]
     pub adapter_scale: f64,
+    /// Defaults for the flags above and the optimiser: `recipe` (the notebook's) or `guarded`
+    /// (--adapter-scale 0.7 --warmup-steps 15 --weight-decay 0.01, the settings `asr bench
+    /// guard` measures; add --guard sets, --max-guard-regression and --mix data of your
+    /// domains). Flags given explicitly win.
+    #[arg(long, value_enum, default_value_t = Preset::Recipe)]
+    pub preset: Preset,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    #[default]
+    Recipe,
+    Guarded,
 }
 
 impl Default for GuardArgs {
@@ -54,6 +71,7 @@ impl Default for GuardArgs {
             mix_split: "train".into(),
             mix_fraction: 0.0,
             adapter_scale: 1.0,
+            preset: Preset::Recipe,
         }
     }
 }
@@ -184,6 +202,37 @@ mod tests {
             ..Default::default()
         };
         assert!(mix_without_data.validate().is_err());
+    }
+
+    #[test]
+    fn the_guarded_preset_sets_defaults_that_flags_override() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            recipe: crate::train_local::RecipeArgs,
+        }
+        let recipe = Flags::parse_from(["asr"]).recipe;
+        assert_eq!(
+            (
+                recipe.guard.adapter_scale,
+                recipe.warmup_steps,
+                recipe.weight_decay
+            ),
+            (1.0, 0, 0.0)
+        );
+        let guarded = Flags::parse_from(["asr", "--preset", "guarded"]).recipe;
+        assert_eq!(
+            (
+                guarded.guard.adapter_scale,
+                guarded.warmup_steps,
+                guarded.weight_decay
+            ),
+            (0.7, 15, 0.01)
+        );
+        let overridden =
+            Flags::parse_from(["asr", "--preset", "guarded", "--adapter-scale", "0.9"]).recipe;
+        assert_eq!(overridden.guard.adapter_scale, 0.9);
     }
 
     #[test]

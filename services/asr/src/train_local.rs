@@ -72,9 +72,15 @@ pub struct RecipeArgs {
     /// Micro-batches per optimiser step (gradient_accumulation_steps).
     #[arg(long, default_value_t = 4)]
     pub grad_accum: usize,
-    #[arg(long, default_value_t = 0)]
+    /// Steps of linear warmup (--preset guarded: 15).
+    #[arg(long, default_value_t = 0, default_value_if("preset", "guarded", "15"))]
     pub warmup_steps: i64,
-    #[arg(long, default_value_t = 0.0)]
+    /// AdamW's decoupled weight decay on the adapter weights (--preset guarded: 0.01).
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        default_value_if("preset", "guarded", "0.01")
+    )]
     pub weight_decay: f64,
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
