@@ -541,6 +541,66 @@ fn suspended_mid_epoch_training_resumes_exactly() {
     assert_same_run(&straight_log, &straight_final, &resumed);
 }
 
+/// Evaluations every step within epochs (`eval_steps`) pause and continue the epoch as a
+/// suspended run does: the steps, losses and final adapter equal a run without them, and the
+/// evaluations land at the steps that are not an epoch's last.
+#[test]
+fn evaluations_within_epochs_leave_training_unchanged() {
+    use asr_whisper::evaluation::EvalSet;
+    use asr_whisper::trainer::{EpochSummary, FitOptions, StepEvaluation, StepLog};
+    let _training = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    let setup = ResumeSetup::new();
+    let evals = [EvalSet {
+        name: "eval".into(),
+        guard: false,
+        examples: setup.examples.clone(),
+        texts: Vec::new(),
+    }];
+    let (mut model, adapter) = setup.fresh();
+    let mut plain = setup.trainer(&mut model, adapter);
+    let output = tempfile::tempdir().expect("tempdir");
+    let options = FitOptions::new("tiny-random-whisper");
+    plain
+        .fit(
+            &setup.examples,
+            &evals,
+            output.path(),
+            &options,
+            (|_: &StepLog| {}, |_: &EpochSummary| {}),
+        )
+        .expect("fit");
+    assert!(plain.state.step_evals.is_empty());
+    let (plain_log, plain_final) = (plain.state.log.clone(), plain.adapter().trainable_tensors());
+    let (mut model, adapter) = setup.fresh();
+    let mut evaluated = setup.trainer(&mut model, adapter);
+    let output = tempfile::tempdir().expect("tempdir");
+    let mut seen = Vec::new();
+    evaluated
+        .fit(
+            &setup.examples,
+            &evals,
+            output.path(),
+            &FitOptions {
+                eval_steps: Some(1),
+                ..FitOptions::new("tiny-random-whisper")
+            },
+            (
+                |_: &StepLog| {},
+                |e: &StepEvaluation| seen.push((e.step, e.epoch)),
+                |_: &EpochSummary| {},
+            ),
+        )
+        .expect("fit with evaluations every step");
+    // 2 steps an epoch: step 1 of epoch 1 and step 3 (the first of epoch 2).
+    assert_eq!(seen, [(1, 0.5), (3, 1.5)]);
+    assert!(evaluated
+        .state
+        .step_evals
+        .iter()
+        .all(|e| e.evals[0].loss.is_finite()));
+    assert_same_run(&plain_log, &plain_final, &evaluated);
+}
+
 /// `fit`: an eval loss and a checkpoint per epoch, older checkpoints pruned to the limit
 /// (never the best), and the best epoch's adapter loaded and written to `<output>/adapter`.
 #[test]
