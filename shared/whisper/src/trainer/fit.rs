@@ -248,7 +248,8 @@ impl Trainer<'_> {
         // Training time of the epoch under way, evaluations within it excluded.
         let mut epoch_started = Instant::now();
         loop {
-            if patience_spent(&self.state.epochs, &objective) {
+            // Only an end before the last epoch counts as stopping early.
+            if !self.finished() && patience_spent(&self.state.epochs, &objective) {
                 stopped_early = true;
                 break;
             }
