@@ -173,6 +173,20 @@ impl Trainer<'_> {
         })
     }
 
+    /// Every set of `evals`, as `options` evaluates them (generation, adapter scale).
+    fn evaluate_all(
+        &mut self,
+        evals: &[EvalSet],
+        options: &FitOptions,
+    ) -> anyhow::Result<Vec<EvalResult>> {
+        evals
+            .iter()
+            .map(|set| {
+                self.evaluate_set_at(set, options.generation.as_ref(), options.adapter_scale)
+            })
+            .collect()
+    }
+
     /// The zero-shot pass: every eval set evaluated before the first step (the fresh
     /// adapter's B is zero, so this is the base model), kept in the state and in every
     /// checkpoint. Guard regressions are measured from it. After a resume, or when already
@@ -259,18 +273,10 @@ impl Trainer<'_> {
                 Ok(Progress::Complete) => break,
                 Ok(Progress::Paused) => {
                     let evaluating = Instant::now();
-                    let mut results = Vec::with_capacity(evals.len());
-                    for set in evals {
-                        results.push(self.evaluate_set_at(
-                            set,
-                            options.generation.as_ref(),
-                            options.adapter_scale,
-                        )?);
-                    }
                     let evaluation = StepEvaluation {
                         step: self.state.global_step,
                         epoch: self.state.log.last().map_or(0.0, |l| l.epoch),
-                        evals: results,
+                        evals: self.evaluate_all(evals, options)?,
                     };
                     listener.evaluated(&evaluation);
                     self.state.step_evals.push(evaluation);
@@ -291,14 +297,7 @@ impl Trainer<'_> {
                 epoch_logs.iter().map(|l| l.loss).sum::<f64>() / epoch_logs.len().max(1) as f64;
             let samples = (epoch_logs.len() * self.config.batch_size * self.config.grad_accum)
                 .min(train.len());
-            let mut results = Vec::with_capacity(evals.len());
-            for set in evals {
-                results.push(self.evaluate_set_at(
-                    set,
-                    options.generation.as_ref(),
-                    options.adapter_scale,
-                )?);
-            }
+            let results = self.evaluate_all(evals, options)?;
             let summary = EpochSummary {
                 epoch: self.state.epochs_done,
                 steps: self.state.global_step,
