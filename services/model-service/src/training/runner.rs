@@ -296,15 +296,8 @@ impl Runner {
         if !evals.is_empty() && trainer.state.baseline.is_empty() && trainer.state.global_step == 0
         {
             let baseline = trainer.evaluate_baseline(&evals, generation_eval.as_ref())?;
-            self.jobs.push_event(
-                id,
-                Event::Evaluated(pb::training_event::Evaluated {
-                    epoch: 0.0,
-                    global_step: 0,
-                    results: eval_set_results(&baseline, &evals),
-                    runtime_seconds: 0.0,
-                }),
-            )?;
+            self.jobs
+                .push_event(id, evaluated_event(0.0, 0, &baseline, &evals))?;
         }
         let jobs = &self.jobs;
         let logging_steps = spec.logging_steps.max(1) as i64;
@@ -346,12 +339,12 @@ impl Runner {
         let on_epoch = |summary: &EpochSummary| {
             let _ = jobs.push_event(
                 id,
-                Event::Evaluated(pb::training_event::Evaluated {
-                    epoch: summary.epoch as f32,
-                    global_step: summary.steps as u64,
-                    results: eval_set_results(&summary.evals, &evals),
-                    runtime_seconds: 0.0,
-                }),
+                evaluated_event(
+                    summary.epoch as f32,
+                    summary.steps as u64,
+                    &summary.evals,
+                    &evals,
+                ),
             );
             evaluated.push(summary.clone());
             let value = summary.metric(metric);
@@ -385,12 +378,12 @@ impl Runner {
         let on_evaluated = |evaluation: &StepEvaluation| {
             let _ = jobs.push_event(
                 id,
-                Event::Evaluated(pb::training_event::Evaluated {
-                    epoch: evaluation.epoch as f32,
-                    global_step: evaluation.step as u64,
-                    results: eval_set_results(&evaluation.evals, &evals),
-                    runtime_seconds: 0.0,
-                }),
+                evaluated_event(
+                    evaluation.epoch as f32,
+                    evaluation.step as u64,
+                    &evaluation.evals,
+                    &evals,
+                ),
             );
         };
         let fit = match trainer.fit(
@@ -450,6 +443,16 @@ impl Runner {
             baseline_results: eval_set_results(&trainer.state.baseline, &evals),
         })
     }
+}
+
+/// The `Evaluated` event of an evaluation at `epoch` (fractional; 0 for the zero-shot pass).
+fn evaluated_event(epoch: f32, step: u64, results: &[EvalResult], evals: &[EvalSet]) -> Event {
+    Event::Evaluated(pb::training_event::Evaluated {
+        epoch,
+        global_step: step,
+        results: eval_set_results(results, evals),
+        runtime_seconds: 0.0,
+    })
 }
 
 /// Trainer results as the proto reports them, with each set's example count.
