@@ -19,8 +19,14 @@ struct Args {
     telemetry: asr_runtime::TelemetryArgs,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before anything else: training and transcription each run libtorch on threads of
+    // their own, whose OpenMP teams must not spin against each other.
+    asr_runtime::openmp::bounded_spin_or_restart();
+    tokio::runtime::Runtime::new()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let _telemetry = asr_runtime::init("model-service", &args.telemetry)?;
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;

@@ -1,5 +1,6 @@
 //! The built `model-service` binary: starts with no library path set (libtorch found through
-//! its rpath), serves health and GetModelInfo over loopback, and exits cleanly on SIGTERM.
+//! its rpath), restarts itself once with a bounded OpenMP spin when none is set, serves health
+//! and GetModelInfo over loopback, and exits cleanly on SIGTERM.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -38,6 +39,9 @@ async fn binary_runs_without_library_path_and_stops_on_sigterm() {
         ])
         .env_remove("LD_LIBRARY_PATH")
         .env_remove("LIBTORCH")
+        // No waiting policy chosen (cargo's config sets one for tests): the binary sets its own.
+        .env_remove("OMP_WAIT_POLICY")
+        .env_remove("GOMP_SPINCOUNT")
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting model-service");
@@ -63,6 +67,14 @@ async fn binary_runs_without_library_path_and_stops_on_sigterm() {
     let addr = addr_rx
         .recv_timeout(Duration::from_secs(30))
         .expect("the service logs its address");
+    // Restarted in place: the same pid, now with libgomp's spin bounded.
+    let environ = std::fs::read(format!("/proc/{}/environ", child.0.id())).expect("environ");
+    let environ: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
+    assert!(
+        environ.contains(&&b"GOMP_SPINCOUNT=10000"[..]),
+        "{:?}",
+        String::from_utf8_lossy(&environ.join(&b' '))
+    );
 
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .expect("url")

@@ -1,12 +1,14 @@
 //! What every service binary shares: logging and OpenTelemetry export ([`telemetry`]), trace
 //! context across gRPC hops ([`trace_context`]), Prometheus metrics ([`metrics`]), and serving
 //! gRPC with health, reflection, a shutdown signal and a drain deadline ([`serve`]), TLS and
-//! bearer-token scopes on the server ([`security`], [`auth`]) and the client ([`client`]).
+//! bearer-token scopes on the server ([`security`], [`auth`]) and the client ([`client`]), and
+//! how libtorch's OpenMP threads wait ([`openmp`]).
 
 pub mod auth;
 pub mod client;
 pub mod deadline;
 pub mod metrics;
+pub mod openmp;
 pub mod security;
 pub mod serve;
 pub mod telemetry;
