@@ -34,6 +34,8 @@ flock 9
 apt_pkgs=()
 command -v espeak-ng >/dev/null || apt_pkgs+=(espeak-ng)
 command -v sox >/dev/null || apt_pkgs+=(sox)
+# curl for the pinned docker-compose package below.
+command -v curl >/dev/null || apt_pkgs+=(curl)
 # Debian's own python3 needs python3-venv for `python3 -m venv` (ensurepip).
 python3 -c 'import ensurepip, venv' 2>/dev/null || apt_pkgs+=(python3-venv)
 # Node.js and npm for the Node client example (examples/node) that the tests run.
@@ -104,6 +106,31 @@ if [ -d examples/node/node_modules ] && [ ! -L examples/node/node_modules ]; the
     rm -rf examples/node/node_modules
 fi
 link "$NODE_DIR/node_modules" "$REPO/examples/node/node_modules"
+
+# --- 2c. Docker Compose v2, to validate docker-compose.yml ---------------------------------
+# `docker compose config` (the Go implementation, as Docker ships it) checks the file against
+# the Compose specification and its references, with no Docker engine. Debian 12 only has the
+# old Python docker-compose 1.x, so the binary comes from Debian 13's package, pinned by hash.
+COMPOSE_VERSION=2.26.1-4   # also in scripts/env.sh (ASR_DOCKER_COMPOSE)
+COMPOSE_SHA256=47681197cb2b1ab88206b42a1a92fc75f50d9530a6322d03494a473eed0408ea
+COMPOSE_DIR="$CACHE/docker-compose-$COMPOSE_VERSION"
+if [ -x "$COMPOSE_DIR/docker-compose" ]; then
+    SUMMARY+=("compose: reused $COMPOSE_DIR")
+else
+    rm -rf "$COMPOSE_DIR" "$COMPOSE_DIR.tmp"
+    mkdir -p "$COMPOSE_DIR.tmp"
+    log "downloading docker-compose $COMPOSE_VERSION (Debian 13)"
+    curl -fsSL --retry 3 -o "$COMPOSE_DIR.tmp/compose.deb" \
+        "http://deb.debian.org/debian/pool/main/d/docker-compose/docker-compose_${COMPOSE_VERSION}_amd64.deb"
+    echo "$COMPOSE_SHA256  $COMPOSE_DIR.tmp/compose.deb" | sha256sum -c --quiet \
+        || die "docker-compose package checksum mismatch"
+    dpkg-deb -x "$COMPOSE_DIR.tmp/compose.deb" "$COMPOSE_DIR.tmp/root"
+    mv "$COMPOSE_DIR.tmp/root/usr/libexec/docker/cli-plugins/docker-compose" "$COMPOSE_DIR.tmp/"
+    rm -rf "$COMPOSE_DIR.tmp/root" "$COMPOSE_DIR.tmp/compose.deb"
+    "$COMPOSE_DIR.tmp/docker-compose" version
+    mv -T "$COMPOSE_DIR.tmp" "$COMPOSE_DIR"
+    SUMMARY+=("compose: built  $COMPOSE_DIR")
+fi
 
 # --- 3. Assets -----------------------------------------------------------------------------
 ASSETS_KEY=$({ cat scripts/data-requirements.txt scripts/make_corpus.py

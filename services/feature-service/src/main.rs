@@ -1,5 +1,7 @@
 //! `feature-service`: serves Extract (audio -> log-mel frames) over gRPC.
 
+use std::process::ExitCode;
+
 use clap::Parser;
 use feature_service::FeatureServiceConfig;
 
@@ -17,11 +19,31 @@ struct Args {
     service: FeatureServiceConfig,
     #[command(flatten)]
     telemetry: asr_runtime::TelemetryArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Ask a running feature service's gRPC health (default: the one on --listen) and exit 0
+    /// if it is SERVING: for container health checks.
+    Healthcheck(asr_runtime::probe::HealthcheckArgs),
+}
+
+fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
+    if let Some(Command::Healthcheck(probe)) = &args.command {
+        return Ok(asr_runtime::probe::run(
+            "asr.v1.FeatureService",
+            &args.listen,
+            probe,
+        ));
+    }
+    tokio::runtime::Runtime::new()?.block_on(run(args))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let _telemetry = asr_runtime::init("feature-service", &args.telemetry)?;
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     tracing::info!(address = %listener.local_addr()?, "feature service listening");

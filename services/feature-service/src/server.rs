@@ -267,10 +267,10 @@ pub async fn serve(
             Arc::new(move |_| sampler.sample_gauges()),
         ));
     }
-    let router = asr_runtime::router_with_health_and_reflection::<
+    let (router, health) = asr_runtime::router_with_health_and_reflection::<
         FeatureServiceServer<FeatureServer>,
     >(&server.config.security, crate::access::policy())
-    .await?
-    .add_service(server.into_service());
-    asr_runtime::serve(router, listener, grace, shutdown).await
+    .await?;
+    let router = router.add_service(server.into_service());
+    asr_runtime::serve(router, listener, grace, health.not_serving_after(shutdown)).await
 }

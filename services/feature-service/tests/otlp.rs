@@ -1,5 +1,6 @@
 //! With `--otlp-endpoint`, the feature-service binary exports its request spans over OTLP/gRPC
-//! (here to a recording collector on 127.0.0.1); the spans carry the service name.
+//! (here to a recording collector on 127.0.0.1); the spans carry the service name. Its
+//! `healthcheck` probe (the container images' HEALTHCHECK) passes while it serves.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -85,6 +86,24 @@ async fn request_spans_reach_the_otlp_collector() {
     let addr = addr_rx
         .recv_timeout(Duration::from_secs(30))
         .expect("the service logs its address");
+    for args in [
+        vec![
+            "healthcheck".to_string(),
+            "--url".into(),
+            format!("http://{addr}"),
+        ],
+        vec!["--listen".to_string(), addr.clone(), "healthcheck".into()],
+    ] {
+        let probe = Command::new(env!("CARGO_BIN_EXE_feature-service"))
+            .args(&args)
+            .output()
+            .expect("running the probe");
+        assert!(
+            probe.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&probe.stderr)
+        );
+    }
 
     let mut client =
         pb::feature_service_client::FeatureServiceClient::connect(format!("http://{addr}"))

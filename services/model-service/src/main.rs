@@ -1,5 +1,7 @@
 //! `model-service`: Whisper + LoRA on libtorch over gRPC.
 
+use std::process::ExitCode;
+
 use clap::Parser;
 use model_service::ModelServiceConfig;
 
@@ -17,17 +19,34 @@ struct Args {
     service: ModelServiceConfig,
     #[command(flatten)]
     telemetry: asr_runtime::TelemetryArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-fn main() -> anyhow::Result<()> {
-    // Before anything else: training and transcription each run libtorch on threads of
-    // their own, whose OpenMP teams must not spin against each other.
-    asr_runtime::openmp::bounded_spin_or_restart();
-    tokio::runtime::Runtime::new()?.block_on(run())
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Ask a running model service's gRPC health (default: the one on --listen) and exit 0 if
+    /// it is SERVING: for container health checks.
+    Healthcheck(asr_runtime::probe::HealthcheckArgs),
 }
 
-async fn run() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
+    if let Some(Command::Healthcheck(probe)) = &args.command {
+        return Ok(asr_runtime::probe::run(
+            "asr.v1.ModelService",
+            &args.listen,
+            probe,
+        ));
+    }
+    // Before libtorch runs: training and transcription each use it on threads of their own,
+    // whose OpenMP teams must not spin against each other.
+    asr_runtime::openmp::bounded_spin_or_restart();
+    tokio::runtime::Runtime::new()?.block_on(run(args))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let _telemetry = asr_runtime::init("model-service", &args.telemetry)?;
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     tracing::info!(address = %listener.local_addr()?, "model service listening");

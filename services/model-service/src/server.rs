@@ -865,15 +865,24 @@ pub async fn serve_server(
         ));
     }
     let suspend = server.training_suspend.clone();
-    let router = asr_runtime::router_with_health_and_reflection::<ModelServiceServer<ModelServer>>(
-        &server.config.security,
-        crate::access::policy(),
-    )
-    .await?
-    .add_service(server.into_service());
+    let (router, health) = asr_runtime::router_with_health_and_reflection::<
+        ModelServiceServer<ModelServer>,
+    >(&server.config.security, crate::access::policy())
+    .await?;
+    // Serving once the base model is loaded; a model that failed to load stays NOT_SERVING
+    // (without --model the registry and datasets serve from the start).
+    if let Some(engine) = server.engine.clone().filter(|e| e.ready().is_err()) {
+        health.set_serving(false).await;
+        let health = health.clone();
+        tokio::spawn(async move {
+            health.set_serving(engine.wait_ready().await.is_ok()).await;
+        });
+    }
+    let router = router.add_service(server.into_service());
     // Training checkpoints while the transcriptions drain.
     let signal = {
         let suspend = suspend.clone();
+        let shutdown = health.not_serving_after(shutdown);
         async move {
             shutdown.await;
             suspend.suspend();

@@ -94,6 +94,11 @@ async fn binary_runs_without_library_path_and_stops_on_sigterm() {
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+    // The probe the container images use, by URL and from the listen address.
+    let (healthy, message) = healthcheck(&["healthcheck", "--url", &format!("http://{addr}")]);
+    assert!(healthy, "{message}");
+    let (healthy, message) = healthcheck(&["--listen", &addr, "healthcheck"]);
+    assert!(healthy, "{message}");
     let info = ModelServiceClient::new(channel.clone())
         .get_model_info(pb::GetModelInfoRequest {})
         .await
@@ -159,4 +164,87 @@ async fn binary_runs_without_library_path_and_stops_on_sigterm() {
         "no clean stop in logs"
     );
     drop(channel);
+    let (healthy, message) = healthcheck(&[
+        "healthcheck",
+        "--url",
+        &format!("http://{addr}"),
+        "--timeout-ms",
+        "2000",
+    ]);
+    assert!(!healthy, "a stopped service passed the probe");
+    assert!(message.contains(&addr.to_string()), "{message}");
+}
+
+/// `model-service ARGS...` as Docker's HEALTHCHECK runs it: (exit 0, stderr).
+fn healthcheck(args: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_model-service"))
+        .args(args)
+        .output()
+        .expect("running the probe");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A base model that cannot load leaves the service up (registry, datasets) but NOT_SERVING, so
+/// an orchestrator does not route transcriptions to it.
+#[tokio::test]
+async fn a_model_that_fails_to_load_is_not_serving() {
+    let data_root = tempfile::tempdir().expect("tempdir");
+    // Config, tokenizer and generation settings of the test model (checked at start-up), and
+    // weights that are not safetensors (read by the scheduler thread).
+    let model = tempfile::tempdir().expect("model dir");
+    let whisper_base =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/whisper-base");
+    for entry in std::fs::read_dir(&whisper_base).expect("assets/whisper-base (scripts/setup.sh)") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "json" || e == "txt") {
+            std::fs::copy(&path, model.path().join(path.file_name().expect("name"))).expect("copy");
+        }
+    }
+    std::fs::write(model.path().join("model.safetensors"), "not safetensors").expect("weights");
+    let child = Command::new(env!("CARGO_BIN_EXE_model-service"))
+        .arg("--data-root")
+        .arg(data_root.path())
+        .arg("--model")
+        .arg(model.path())
+        .args(["--listen", "127.0.0.1:0", "--device", "cpu"])
+        .args(["--log-format", "json"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting model-service");
+    let mut child = KillOnDrop(child);
+    let stderr = child.0.stderr.take().expect("stderr");
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (failed_tx, failed_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) {
+                if let Some(addr) = entry["fields"]["address"].as_str() {
+                    let _ = addr_tx.send(addr.to_string());
+                }
+                if line.contains("the model failed to load") {
+                    let _ = failed_tx.send(());
+                }
+            }
+        }
+    });
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the service logs its address");
+    failed_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the load fails");
+    let (healthy, message) = healthcheck(&["healthcheck", "--url", &format!("http://{addr}")]);
+    assert!(!healthy, "a service without its model passed the probe");
+    assert!(message.contains("NotServing"), "{message}");
+    // It still answers what needs no model.
+    let mut client = ModelServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    client
+        .list_adapters(pb::ListAdaptersRequest::default())
+        .await
+        .expect("the registry works without a model");
 }

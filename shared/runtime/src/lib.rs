@@ -1,14 +1,16 @@
 //! What every service binary shares: logging and OpenTelemetry export ([`telemetry`]), trace
 //! context across gRPC hops ([`trace_context`]), Prometheus metrics ([`metrics`]), and serving
 //! gRPC with health, reflection, a shutdown signal and a drain deadline ([`serve`]), TLS and
-//! bearer-token scopes on the server ([`security`], [`auth`]) and the client ([`client`]), and
-//! how libtorch's OpenMP threads wait ([`openmp`]).
+//! bearer-token scopes on the server ([`security`], [`auth`]) and the client ([`client`]), a
+//! health probe built into each binary ([`probe`]), and how libtorch's OpenMP threads wait
+//! ([`openmp`]).
 
 pub mod auth;
 pub mod client;
 pub mod deadline;
 pub mod metrics;
 pub mod openmp;
+pub mod probe;
 pub mod security;
 pub mod serve;
 pub mod telemetry;
@@ -17,7 +19,7 @@ pub mod trace_context;
 pub use client::{AuthChannel, ClientSecurity, ClientSecurityConfig};
 pub use security::ServerSecurityArgs;
 pub use serve::{
-    router_with_health_and_reflection, serve, serve_with_drain_deadline, shutdown_signal,
+    router_with_health_and_reflection, serve, serve_with_drain_deadline, shutdown_signal, Health,
     ServiceRouter,
 };
 pub use telemetry::{init, LogFormat, TelemetryArgs, TelemetryGuard};

@@ -19,13 +19,45 @@ use crate::security::ServerSecurityArgs;
 /// The router every service serves: its calls pass the [`AuthLayer`] first.
 pub type ServiceRouter = Router<Stack<AuthLayer, Identity>>;
 
-/// A server with grpc.health.v1 (reporting `S` as serving) and reflection (v1 and v1alpha) over
-/// the asr.v1 and health descriptors, serving TLS and checking tokens against `policy` as
-/// `security` says; add the service itself to it.
+/// What grpc.health.v1 reports for one service (probes, `service_healthy` in compose, load
+/// balancers): serving from the start; the service says when it is not.
+#[derive(Clone)]
+pub struct Health {
+    reporter: tonic_health::server::HealthReporter,
+    service: &'static str,
+}
+
+impl Health {
+    pub async fn set_serving(&self, serving: bool) {
+        let status = if serving {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        self.reporter.set_service_status(self.service, status).await;
+    }
+
+    /// `shutdown`, after which the service reports NOT_SERVING while it drains, so probes
+    /// and balancers stop sending it new work.
+    pub fn not_serving_after(
+        &self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let health = self.clone();
+        async move {
+            shutdown.await;
+            health.set_serving(false).await;
+        }
+    }
+}
+
+/// A server with grpc.health.v1 (reporting `S` as serving, until the returned [`Health`] says
+/// otherwise) and reflection (v1 and v1alpha) over the asr.v1 and health descriptors, serving
+/// TLS and checking tokens against `policy` as `security` says; add the service itself to it.
 pub async fn router_with_health_and_reflection<S: NamedService>(
     security: &ServerSecurityArgs,
     policy: AccessPolicy,
-) -> anyhow::Result<ServiceRouter> {
+) -> anyhow::Result<(ServiceRouter, Health)> {
     let mut builder = Server::builder();
     if let Some(tls) = security.tls()? {
         builder = builder.tls_config(tls)?;
@@ -49,10 +81,15 @@ pub async fn router_with_health_and_reflection<S: NamedService>(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     // v1alpha too: grpcurl speaks both, but grpcio-reflection's client and older tools only it.
-    Ok(builder
+    let router = builder
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?))
+        .add_service(reflection().build_v1alpha()?);
+    let health = Health {
+        reporter: health_reporter,
+        service: S::NAME,
+    };
+    Ok((router, health))
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then drains for at most `drain`.
