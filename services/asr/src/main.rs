@@ -63,9 +63,6 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    // First: in-process decoding and training, and the benchmarks' engines, run libtorch
-    // beside other processes whose OpenMP threads they must not spin against.
-    asr_runtime::openmp::bounded_spin_or_restart();
     // With OTEL_EXPORTER_OTLP_ENDPOINT set, the CLI's spans are exported (and the trace
     // context sent to the services): a runtime of its own drives the exporter, and the guard
     // flushes it before exit.
