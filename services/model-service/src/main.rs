@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use asr_runtime::probe::ServiceCommand;
 use clap::Parser;
 use model_service::ModelServiceConfig;
 
@@ -20,19 +21,12 @@ struct Args {
     #[command(flatten)]
     telemetry: asr_runtime::TelemetryArgs,
     #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(clap::Subcommand)]
-enum Command {
-    /// Ask a running model service's gRPC health (default: the one on --listen) and exit 0 if
-    /// it is SERVING: for container health checks.
-    Healthcheck(asr_runtime::probe::HealthcheckArgs),
+    command: Option<ServiceCommand>,
 }
 
 fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
-    if let Some(Command::Healthcheck(probe)) = &args.command {
+    if let Some(ServiceCommand::Healthcheck(probe)) = &args.command {
         return Ok(asr_runtime::probe::run(
             "asr.v1.ModelService",
             &args.listen,

@@ -46,27 +46,8 @@ async fn binary_runs_without_library_path_and_stops_on_sigterm() {
         .spawn()
         .expect("starting model-service");
     let mut child = KillOnDrop(child);
-    let stderr = child.0.stderr.take().expect("stderr");
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (metrics_tx, metrics_rx) = std::sync::mpsc::channel();
-    let log_reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) {
-                if let Some(addr) = entry["fields"]["address"].as_str() {
-                    let _ = addr_tx.send(addr.to_string());
-                }
-                if let Some(addr) = entry["fields"]["metrics_address"].as_str() {
-                    let _ = metrics_tx.send(addr.to_string());
-                }
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let addr = addr_rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the service logs its address");
+    let mut log = ServiceLog::follow(&mut child.0);
+    let addr = log.wait_for(field("address"));
     // Restarted in place: the same pid, now with libgomp's spin bounded.
     let environ = std::fs::read(format!("/proc/{}/environ", child.0.id())).expect("environ");
     let environ: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
@@ -124,9 +105,7 @@ async fn binary_runs_without_library_path_and_stops_on_sigterm() {
     assert!(no_model.message().contains("--model"), "{no_model:?}");
 
     // Prometheus text on /metrics, with the requests just made counted by code.
-    let metrics_addr = metrics_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the service logs its metrics address");
+    let metrics_addr = log.wait_for(field("metrics_address"));
     let mut socket = std::net::TcpStream::connect(&metrics_addr).expect("metrics socket");
     use std::io::{Read, Write};
     socket
@@ -153,7 +132,7 @@ async fn binary_runs_without_library_path_and_stops_on_sigterm() {
         .expect("kill");
     assert!(killed.success());
     let exit = child.0.wait().expect("wait");
-    let logs = log_reader.join().expect("log reader");
+    let logs = log.all();
     assert!(
         exit.success(),
         "model-service exited with {exit:?}; logs:\n{}",
@@ -173,6 +152,62 @@ async fn binary_runs_without_library_path_and_stops_on_sigterm() {
     ]);
     assert!(!healthy, "a stopped service passed the probe");
     assert!(message.contains(&addr.to_string()), "{message}");
+}
+
+/// A service's JSON log lines, read on a thread of their own as they come.
+struct ServiceLog {
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl ServiceLog {
+    fn follow(child: &mut std::process::Child) -> Self {
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Self {
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first value `pick` finds in a line logged so far, or within 30 s.
+    fn wait_for(&mut self, pick: impl Fn(&str) -> Option<String>) -> String {
+        if let Some(found) = self.seen.iter().find_map(|line| pick(line)) {
+            return found;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|e| panic!("not in the log ({e}):\n{}", self.seen.join("\n")));
+            let found = pick(&line);
+            self.seen.push(line);
+            if let Some(found) = found {
+                return found;
+            }
+        }
+    }
+
+    /// Every line, once the process has closed its stderr.
+    fn all(mut self) -> Vec<String> {
+        self.seen.extend(self.lines.iter());
+        self.seen
+    }
+}
+
+/// A JSON log line's `fields.NAME`, as a string.
+fn field(name: &'static str) -> impl Fn(&str) -> Option<String> {
+    move |line| {
+        let entry: serde_json::Value = serde_json::from_str(line).ok()?;
+        entry["fields"][name].as_str().map(str::to_string)
+    }
 }
 
 /// `model-service ARGS...` as Docker's HEALTHCHECK runs it: (exit 0, stderr).
@@ -215,27 +250,9 @@ async fn a_model_that_fails_to_load_is_not_serving() {
         .spawn()
         .expect("starting model-service");
     let mut child = KillOnDrop(child);
-    let stderr = child.0.stderr.take().expect("stderr");
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (failed_tx, failed_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) {
-                if let Some(addr) = entry["fields"]["address"].as_str() {
-                    let _ = addr_tx.send(addr.to_string());
-                }
-                if line.contains("the model failed to load") {
-                    let _ = failed_tx.send(());
-                }
-            }
-        }
-    });
-    let addr = addr_rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the service logs its address");
-    failed_rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the load fails");
+    let mut log = ServiceLog::follow(&mut child.0);
+    let addr = log.wait_for(field("address"));
+    log.wait_for(|line| line.contains("the model failed to load").then(String::new));
     let (healthy, message) = healthcheck(&["healthcheck", "--url", &format!("http://{addr}")]);
     assert!(!healthy, "a service without its model passed the probe");
     assert!(message.contains("NotServing"), "{message}");

@@ -14,6 +14,14 @@ use tonic_health::pb::HealthCheckRequest;
 
 use crate::client::{ClientSecurity, ClientSecurityConfig};
 
+/// The subcommand each service binary takes beside serving.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum ServiceCommand {
+    /// Ask a running service's gRPC health (default: the one on --listen) and exit 0 if it is
+    /// SERVING: for container health checks.
+    Healthcheck(HealthcheckArgs),
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct HealthcheckArgs {
     /// The service to ask; default: this binary's listen address (a wildcard host asked on
