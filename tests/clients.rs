@@ -304,17 +304,24 @@ async fn python_and_node_clients_transcribe_as_the_rust_client() {
 
     // INVALID_ARGUMENT: both clients read the field from the google.rpc.BadRequest detail.
     let clip = clips[0].to_str().expect("utf-8 path");
-    let bad = [clip, "--server", &server, "--language", "klingon", "--json"];
-    for (what, output) in [
-        ("python", python_example("transcribe.py", &bad).await),
-        ("node", node_example(&bad).await),
+    // Beam 0 reaches the service as a set field (proto3 `optional`), not as "unset".
+    let bad_language = [clip, "--server", &server, "--language", "klingon", "--json"];
+    let beam_zero = [clip, "--server", &server, "--beam", "0", "--json"];
+    for (bad, field) in [
+        (bad_language, "config.options.language"),
+        (beam_zero, "config.options.decoding.beam_size"),
     ] {
-        let error = error_of(&output, what);
-        assert_eq!(error["code"], "INVALID_ARGUMENT", "{what}: {error}");
-        assert_eq!(
-            error["field_violations"][0]["field"], "config.options.language",
-            "{what}: {error}"
-        );
+        for (what, output) in [
+            ("python", python_example("transcribe.py", &bad).await),
+            ("node", node_example(&bad).await),
+        ] {
+            let error = error_of(&output, what);
+            assert_eq!(error["code"], "INVALID_ARGUMENT", "{what}: {error}");
+            assert_eq!(
+                error["field_violations"][0]["field"], field,
+                "{what}: {error}"
+            );
+        }
     }
     features.stop().await;
     model.stop().await;

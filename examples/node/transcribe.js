@@ -34,7 +34,7 @@ const USAGE = `usage: node transcribe.js FILE|- [options]
   --server ADDR          feature service: host:port or http://host:port (default 127.0.0.1:50051)
   --language CODE        Whisper language code, e.g. zh; empty: detected from the first 30 s
   --task transcribe|translate
-  --beam N               beam width; 0 or 1 = greedy
+  --beam N               beam width; 1 = greedy (default)
   --timestamps           timestamped segments
   --no-fallback          decode each window once at temperature 0 and keep it (deterministic)
   --adapter NAME         LoRA adapter of the model service's registry
@@ -52,7 +52,7 @@ function parse() {
       server: { type: 'string', default: '127.0.0.1:50051' },
       language: { type: 'string', default: '' },
       task: { type: 'string', default: 'transcribe' },
-      beam: { type: 'string', default: '0' },
+      beam: { type: 'string', default: '1' },
       timestamps: { type: 'boolean', default: false },
       'no-fallback': { type: 'boolean', default: false },
       adapter: { type: 'string', default: '' },
@@ -105,7 +105,11 @@ function target(address) {
 }
 
 function options(args) {
-  const decoding = { beam_size: Math.max(0, parseInt(args.beam, 10) || 0) };
+  // Sent as given: the service names the field when the width is out of range.
+  const decoding = { beam_size: parseInt(args.beam, 10) };
+  if (!Number.isInteger(decoding.beam_size) || decoding.beam_size < 0) {
+    throw new Error(`--beam: not a width: ${args.beam}`);
+  }
   if (args['no-fallback']) {
     // `optional` fields set to the value that turns each behaviour off (see the comments in
     // transcription.proto); left out they mean the openai-whisper defaults.

@@ -44,7 +44,7 @@ def parse_args():
     p.add_argument("--language", default="",
                    help="Whisper language code, e.g. zh; empty: detected from the first 30 s")
     p.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
-    p.add_argument("--beam", type=int, default=0, help="beam width; 0 or 1 = greedy")
+    p.add_argument("--beam", type=int, default=1, help="beam width; 1 = greedy")
     p.add_argument("--timestamps", action="store_true",
                    help="timestamped segments (long-form decoding at the end of the stream)")
     p.add_argument("--no-fallback", action="store_true",
@@ -69,7 +69,7 @@ def parse_args():
 
 
 def options(args):
-    decoding = transcription_pb2.DecodingOptions(beam_size=max(args.beam, 0))
+    decoding = transcription_pb2.DecodingOptions(beam_size=args.beam)
     if args.no_fallback:
         # `optional` fields: set to the value that turns each behaviour off (see the comments
         # in transcription.proto); unset would mean the openai-whisper defaults.

@@ -6,6 +6,7 @@ fn main() {
     build_support::link_libtorch_rpath();
     println!("cargo:rerun-if-changed=csrc/int8_grad.cpp");
     println!("cargo:rerun-if-changed=csrc/int8_quant.cpp");
+    println!("cargo:rerun-if-changed=csrc/int8_gemm.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Some(libtorch) = std::env::var_os("LIBTORCH").map(std::path::PathBuf::from) else {
@@ -17,6 +18,7 @@ fn main() {
         .cpp(true)
         .file("csrc/int8_grad.cpp")
         .file("csrc/int8_quant.cpp")
+        .file("csrc/int8_gemm.cpp")
         // The fused int8 passes run on every linear layer's activations: optimised even in
         // debug builds, where tests would otherwise spend minutes in them.
         .opt_level(3)

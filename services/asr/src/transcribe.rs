@@ -36,8 +36,8 @@ pub struct TranscribeArgs {
     #[arg(long, value_enum, default_value_t = TaskArg::Transcribe)]
     pub task: TaskArg,
     /// Beam size; 1 is greedy.
-    #[arg(long, default_value_t = 1)]
-    pub beam: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub beam: u32,
     #[arg(long, value_enum, default_value_t = PrecisionArg::Int8)]
     pub precision: PrecisionArg,
     /// "cpu", "cuda" or "cuda:N"; default CUDA when present.
@@ -216,7 +216,7 @@ fn transcribe_local(args: &TranscribeArgs) -> anyhow::Result<Vec<FileResult>> {
             TaskArg::Transcribe => Task::Transcribe,
             TaskArg::Translate => Task::Translate,
         },
-        beam_size: args.beam.max(1),
+        beam_size: args.beam as usize,
         timestamps: args.timestamps,
         fallback: FallbackOptions {
             temperatures: args.temperature.clone(),

@@ -78,7 +78,7 @@ pub fn options(args: &TranscribeArgs) -> pb::TranscriptionOptions {
         None => (0.0, Vec::new()),
     };
     let decoding = pb::DecodingOptions {
-        beam_size: args.beam as u32,
+        beam_size: Some(args.beam),
         best_of: args.best_of as u32,
         temperature: Some(temperature),
         // A single temperature means no fallback (as --local does).

@@ -132,15 +132,18 @@ fn decoding_options(
     model: &ModelFacts<'_>,
 ) -> Result<DecodeOptions, ModelError> {
     let name = |f: &str| format!("decoding.{f}");
-    if decoding.beam_size > MAX_BEAM_SIZE {
-        return Err(ModelError::invalid(
-            field(&name("beam_size")),
-            format!(
-                "at most {MAX_BEAM_SIZE} (ModelLimits.max_beam_size), got {}",
-                decoding.beam_size
+    let beam_size = match decoding.beam_size {
+        None => 1,
+        Some(beam) if (1..=MAX_BEAM_SIZE).contains(&beam) => beam,
+        Some(beam) => {
+            return Err(ModelError::invalid(
+                field(&name("beam_size")),
+                format!(
+                "1 (greedy) to {MAX_BEAM_SIZE} (ModelLimits.max_beam_size), or unset; got {beam}"
             ),
-        ));
-    }
+            ))
+        }
+    };
     if decoding.best_of > MAX_BEAM_SIZE {
         return Err(ModelError::invalid(
             field(&name("best_of")),
@@ -261,7 +264,7 @@ fn decoding_options(
         n => n.min(MAX_TARGET_POSITIONS),
     } as usize;
     Ok(DecodeOptions {
-        beam_size: decoding.beam_size.max(1) as usize,
+        beam_size: beam_size as usize,
         patience,
         length_penalty,
         max_new_tokens,
@@ -327,15 +330,17 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(field_of(err), "config.options.language");
-        let err = parse(pb::TranscriptionOptions {
-            decoding: Some(pb::DecodingOptions {
-                beam_size: 99,
+        for beam in [0, 99] {
+            let err = parse(pb::TranscriptionOptions {
+                decoding: Some(pb::DecodingOptions {
+                    beam_size: Some(beam),
+                    ..Default::default()
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .unwrap_err();
-        assert_eq!(field_of(err), "config.options.decoding.beam_size");
+            })
+            .unwrap_err();
+            assert_eq!(field_of(err), "config.options.decoding.beam_size");
+        }
         let err = parse(pb::TranscriptionOptions {
             adapter: "../etc".into(),
             ..Default::default()

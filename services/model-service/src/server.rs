@@ -304,11 +304,13 @@ impl ModelServer {
         )?;
         let adapter_use = match &options.adapter {
             Some(choice) => {
+                // A bad reference in the request, not the resource the RPC acts on: the
+                // field is named, as for any other option.
                 if !self.registry.exists(&choice.name) {
-                    return Err(ModelError::NotFound {
-                        what: "adapter",
-                        name: choice.name.clone(),
-                    });
+                    return Err(ModelError::invalid(
+                        "config.options.adapter",
+                        format!("{:?} is not in the registry (ListAdapters)", choice.name),
+                    ));
                 }
                 if !engine.is_loaded(&choice.name) {
                     return Err(ModelError::FailedPrecondition(format!(

@@ -31,6 +31,7 @@ pub mod fallback;
 pub mod feature_cache;
 pub mod generation;
 pub mod greedy;
+pub mod int8_gemm;
 pub mod labels;
 pub mod linear;
 pub mod longform;

@@ -6,6 +6,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use crate::int8_gemm::int8_mm;
 use crate::lora::{Adapter, LinearSite, LoraLayer};
 use crate::weights::Weights;
 
@@ -196,7 +197,7 @@ impl Int8Weight {
         let _ = scaled.round_().clamp_(-127.0, 127.0);
         let xq = scaled.to_kind(Kind::Int8);
         drop(scaled);
-        let mut y = int_mm(&xq, &self.q_t).to_kind(Kind::Float);
+        let mut y = int8_mm(&xq, &self.q_t).to_kind(Kind::Float);
         drop(xq);
         y *= &row_scale;
         y *= self.scale.unsqueeze(0);
@@ -238,7 +239,7 @@ impl Int8Weight {
             }
             out.map(|t| Tensor::from_ptr(t))
         };
-        let acc = xq.internal_int_mm(&self.q_t);
+        let acc = int8_mm(&xq, &self.q_t);
         // SAFETY: live tensors for the call; the result is a new heap tensor or null.
         let y = unsafe {
             let y = asr_int8_rescale(
@@ -350,17 +351,6 @@ fn quantize_with_scale(weight: &Tensor) -> (Tensor, Tensor) {
         .clamp(-127.0, 127.0)
         .to_kind(Kind::Int8);
     (q, scale)
-}
-
-/// `_int_mm` with the shape rules of the CUDA kernel met (more than 16 rows, K and N
-/// multiples of 8): rows are padded with zeros and dropped again.
-fn int_mm(xq: &Tensor, q_t: &Tensor) -> Tensor {
-    let rows = xq.size()[0];
-    if xq.device() != Device::Cpu && rows <= 16 {
-        let padded = xq.constant_pad_nd([0, 0, 0, 32 - rows]);
-        return padded.internal_int_mm(q_t).narrow(0, 0, rows);
-    }
-    xq.internal_int_mm(q_t)
 }
 
 #[derive(Debug)]

@@ -92,7 +92,7 @@ pub fn options() -> pb::TranscriptionOptions {
         language: "zh".into(),
         task: pb::Task::Transcribe as i32,
         decoding: Some(pb::DecodingOptions {
-            beam_size: 3,
+            beam_size: Some(3),
             temperature: Some(0.0),
             temperature_fallback: vec![0.4, 0.8],
             ..Default::default()

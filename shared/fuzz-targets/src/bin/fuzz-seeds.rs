@@ -40,7 +40,7 @@ fn options() -> pb::TranscriptionOptions {
     pb::TranscriptionOptions {
         language: "zh".into(),
         decoding: Some(pb::DecodingOptions {
-            beam_size: 5,
+            beam_size: Some(5),
             temperature_increment: Some(0.2),
             ..Default::default()
         }),
