@@ -397,6 +397,17 @@ async fn partial_results_grow_a_stable_prefix_before_the_segment() {
     server.stop().await;
 }
 
+/// Mandarin with an explicit beam width.
+fn with_beam(beam_size: u32) -> pb::TranscriptionOptions {
+    pb::TranscriptionOptions {
+        decoding: Some(pb::DecodingOptions {
+            beam_size: Some(beam_size),
+            ..Default::default()
+        }),
+        ..zh()
+    }
+}
+
 fn violation_field(status: &tonic::Status) -> String {
     status
         .get_details_bad_request()
@@ -427,26 +438,10 @@ async fn bad_requests_are_named_and_cancelled_streams_free_their_slot() {
         ),
         (
             "beam too wide",
-            pb::TranscriptionOptions {
-                decoding: Some(pb::DecodingOptions {
-                    beam_size: Some(1000),
-                    ..Default::default()
-                }),
-                ..zh()
-            },
+            with_beam(1000),
             "config.options.decoding.beam_size",
         ),
-        (
-            "beam 0",
-            pb::TranscriptionOptions {
-                decoding: Some(pb::DecodingOptions {
-                    beam_size: Some(0),
-                    ..Default::default()
-                }),
-                ..zh()
-            },
-            "config.options.decoding.beam_size",
-        ),
+        ("beam 0", with_beam(0), "config.options.decoding.beam_size"),
         (
             "unknown adapter",
             pb::TranscriptionOptions {

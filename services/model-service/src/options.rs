@@ -138,9 +138,7 @@ fn decoding_options(
         Some(beam) => {
             return Err(ModelError::invalid(
                 field(&name("beam_size")),
-                format!(
-                "1 (greedy) to {MAX_BEAM_SIZE} (ModelLimits.max_beam_size), or unset; got {beam}"
-            ),
+                format!("1 (greedy) to {MAX_BEAM_SIZE} (ModelLimits.max_beam_size), got {beam}"),
             ))
         }
     };
