@@ -4,13 +4,19 @@
 use asr_audio::InputFormat;
 use asr_whisper::metrics::cer;
 use asr_whisper::{DecodeOptions, LoadedModel, Precision};
-use e2e_support::whisper_base::{first_windows, load, model_dir, test_clips, write_windows_npy};
+use e2e_support::whisper_base::{
+    espeak_adapter_dir, first_windows, load, load_with_adapter, model_dir, teacher_forced_choices,
+    test_clips, write_windows_npy,
+};
 use e2e_support::{assets, our_windows, run_reference};
 
 const CLIPS: usize = 100;
 const BATCH: usize = 8;
+/// int8's share of fp32's next-token choices under teacher forcing (measured 95.05% on an
+/// AVX2 machine; a wrong scale or a dropped outlier column falls far below).
+const AGREEMENT: f64 = 0.9;
 
-fn transcribe(model: &LoadedModel, windows: &[Vec<f32>]) -> Vec<String> {
+fn greedy(model: &LoadedModel, windows: &[Vec<f32>]) -> Vec<asr_whisper::WindowTranscript> {
     // As HF generate runs by default: temperature 0, no fallback.
     let options = DecodeOptions {
         language: Some("zh".into()),
@@ -24,12 +30,63 @@ fn transcribe(model: &LoadedModel, windows: &[Vec<f32>]) -> Vec<String> {
                 .transcribe_windows(batch, &options)
                 .expect("transcribe")
         })
+        .collect()
+}
+
+fn transcribe(model: &LoadedModel, windows: &[Vec<f32>]) -> Vec<String> {
+    texts(&greedy(model, windows))
+}
+
+fn texts(transcripts: &[asr_whisper::WindowTranscript]) -> Vec<String> {
+    transcripts
+        .iter()
         .map(|w| w.text.trim().to_string())
         .collect()
 }
 
+fn corpus_cer(hypotheses: &[String], references: &[&str]) -> f64 {
+    cer(hypotheses
+        .iter()
+        .map(String::as_str)
+        .zip(references.iter().copied()))
+}
+
+/// The int8 check (CER within one point of fp32 on the same clips) where the model
+/// reads them: whisper-base with a LoRA adapter fine-tuned on the espeak-ng training split,
+/// the notebook's use (an int8 base with its adapter). The base model alone cannot read
+/// espeak-ng's Mandarin; on its hallucinated output one rounding flip can send a greedy
+/// decode into a 100-character repetition loop, so its CER moves by several points between
+/// CPUs even in fp32 (see the test below and the README).
 #[test]
-fn greedy_text_matches_hf_and_int8_stays_within_a_cer_point() {
+fn int8_with_a_fine_tuned_adapter_stays_within_a_cer_point_of_fp32() {
+    let clips = test_clips(CLIPS);
+    let windows = first_windows(&clips);
+    let references: Vec<&str> = clips.iter().map(|c| c.text.as_str()).collect();
+    let adapter = espeak_adapter_dir();
+    let fp32 = transcribe(&load_with_adapter(Precision::Fp32, &adapter), &windows);
+    let int8 = transcribe(&load_with_adapter(Precision::Int8, &adapter), &windows);
+    let (cer_fp32, cer_int8) = (
+        corpus_cer(&fp32, &references),
+        corpus_cer(&int8, &references),
+    );
+    let identical = fp32.iter().zip(&int8).filter(|(a, b)| a == b).count();
+    println!(
+        "with the espeak adapter: CER fp32 {:.2}%, int8 {:.2}%; int8 text identical to fp32 on {identical}/{CLIPS}",
+        cer_fp32 * 100.0,
+        cer_int8 * 100.0
+    );
+    assert!(
+        cer_fp32 < 0.3,
+        "the adapter should make the clips readable: CER {cer_fp32}"
+    );
+    assert!(
+        (cer_int8 - cer_fp32).abs() <= 0.01,
+        "CER int8 {cer_int8} vs fp32 {cer_fp32}"
+    );
+}
+
+#[test]
+fn greedy_text_matches_hf_and_int8_follows_fp32() {
     let clips = test_clips(CLIPS);
     let windows = first_windows(&clips);
     let references: Vec<&str> = clips.iter().map(|c| c.text.as_str()).collect();
@@ -52,11 +109,34 @@ fn greedy_text_matches_hf_and_int8_stays_within_a_cer_point() {
         .collect();
 
     let fp32 = load(Precision::Fp32);
-    let ours = transcribe(&fp32, &windows);
+    let fp32_greedy = greedy(&fp32, &windows);
+    let ours = texts(&fp32_greedy);
     let fp32_bytes = fp32.model.weight_bytes();
+    // fp32's greedy tokens after the prompt, for int8 to follow (teacher forcing).
+    let prompt = fp32
+        .generation
+        .prompt(Some("zh"), asr_whisper::Task::Transcribe, false)
+        .expect("prompt");
+    let sequences: Vec<Vec<i64>> = fp32_greedy
+        .iter()
+        .map(|t| {
+            prompt
+                .iter()
+                .copied()
+                .chain(
+                    t.tokens
+                        .iter()
+                        .copied()
+                        .filter(|&id| id != fp32.generation.eos_token_id),
+                )
+                .collect()
+        })
+        .collect();
+    let fp32_choices = teacher_forced_choices(&fp32, &windows, &sequences);
     drop(fp32);
     let int8 = load(Precision::Int8);
     let ours_int8 = transcribe(&int8, &windows);
+    let int8_choices = teacher_forced_choices(&int8, &windows, &sequences);
     // int8 keeps the linear weights at 1 byte per parameter; the token embedding (51865 x 512,
     // 106 MB in f32 for whisper-base), convolutions, norms and biases stay f32, so the whole
     // shrinks to a bit over half here (and to about a quarter for large-v2, whose linears
@@ -89,19 +169,26 @@ fn greedy_text_matches_hf_and_int8_stays_within_a_cer_point() {
     {
         println!("clip {i}: ours {a:?} | hf {b:?} | reference {r:?}");
     }
-    let cer_ours = cer(ours
-        .iter()
-        .map(String::as_str)
-        .zip(references.iter().copied()));
-    let cer_hf = cer(hf_texts
-        .iter()
-        .map(String::as_str)
-        .zip(references.iter().copied()));
-    let cer_int8 = cer(ours_int8
-        .iter()
-        .map(String::as_str)
-        .zip(references.iter().copied()));
+    let cer_ours = corpus_cer(&ours, &references);
+    let cer_hf = corpus_cer(&hf_texts, &references);
+    let cer_int8 = corpus_cer(&ours_int8, &references);
+    // The positions where fp32 chose a token after the prompt (the last one chose the end).
+    let (mut agree, mut positions) = (0usize, 0usize);
+    for (a, b) in fp32_choices.iter().zip(&int8_choices) {
+        let generated = prompt.len() - 1..a.len();
+        positions += generated.len();
+        agree += a[generated.clone()]
+            .iter()
+            .zip(&b[generated])
+            .filter(|(x, y)| x == y)
+            .count();
+    }
+    let agreement = agree as f64 / positions as f64;
     println!("greedy text identical to HF on {identical}/{CLIPS} clips; CER ours fp32 {:.2}%, HF fp32 {:.2}%, ours int8 {:.2}%", cer_ours * 100.0, cer_hf * 100.0, cer_int8 * 100.0);
+    println!(
+        "int8 following fp32's greedy tokens chooses fp32's next token at {agree}/{positions} positions ({:.2}%)",
+        agreement * 100.0
+    );
     assert!(
         identical * 100 >= 95 * CLIPS,
         "only {identical}/{CLIPS} identical"
@@ -111,8 +198,8 @@ fn greedy_text_matches_hf_and_int8_stays_within_a_cer_point() {
         "CER ours {cer_ours} vs HF {cer_hf}"
     );
     assert!(
-        (cer_int8 - cer_ours).abs() <= 0.01,
-        "CER int8 {cer_int8} vs fp32 {cer_ours}"
+        agreement >= AGREEMENT,
+        "int8 agrees with fp32 on {agreement} of the next-token choices"
     );
 }
 
@@ -288,19 +375,9 @@ fn temperature_fallback_redecodes_exactly_the_failing_windows() {
             assert_eq!(f.text, p.text, "window {i} keeps its temperature-0 text");
         }
     }
-    let texts = |ts: &[asr_whisper::WindowTranscript]| -> Vec<String> {
-        ts.iter().map(|t| t.text.trim().to_string()).collect()
-    };
     let references: Vec<&str> = clips.iter().map(|c| c.text.as_str()).collect();
-    let (plain_texts, fallback_texts) = (texts(&plain), texts(&with_fallback));
-    let cer_plain = cer(plain_texts
-        .iter()
-        .map(String::as_str)
-        .zip(references.iter().copied()));
-    let cer_fallback = cer(fallback_texts
-        .iter()
-        .map(String::as_str)
-        .zip(references.iter().copied()));
+    let cer_plain = corpus_cer(&texts(&plain), &references);
+    let cer_fallback = corpus_cer(&texts(&with_fallback), &references);
     println!(
         "fallback: {redone}/{} windows decoded again, {silent} silent; CER {:.2}% at temperature 0, {:.2}% with fallback",
         windows.len(),

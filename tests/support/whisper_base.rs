@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use asr_audio::InputFormat;
-use asr_whisper::{LoadOptions, LoadedModel, Precision};
-use tch::Device;
+use asr_whisper::{Adapter, LoadOptions, LoadedModel, Precision};
+use tch::{Device, Tensor};
 
 use crate::{assets, our_windows};
 
@@ -77,4 +77,63 @@ pub fn load(precision: Precision) -> LoadedModel {
         },
     )
     .unwrap_or_else(|e| panic!("loading whisper-base ({precision:?}): {e:#}"))
+}
+
+/// A LoRA adapter of whisper-base trained by this project on the espeak-ng training split
+/// (PEFT layout; `tests/fixtures/README.md` says how it was made). With it the model reads the
+/// test clips, which the base model cannot.
+pub fn espeak_adapter_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/espeak-lora")
+}
+
+/// [`load`] with the PEFT adapter in `adapter_dir` attached.
+pub fn load_with_adapter(precision: Precision, adapter_dir: &std::path::Path) -> LoadedModel {
+    let mut model = load(precision);
+    let sites = model.model.linear_sites();
+    let adapter = Adapter::load_peft(adapter_dir, &sites, Device::Cpu)
+        .unwrap_or_else(|e| panic!("adapter {}: {e:#}", adapter_dir.display()));
+    model.model.attach(&adapter);
+    model
+}
+
+/// Teacher forcing: each window's token sequence fed whole to the decoder, and the argmax of
+/// the logits at every position (entry `t` is the model's next-token choice after the first
+/// `t + 1` tokens). Unlike free decoding, one different choice does not change what follows,
+/// so this compares two models' numerics position by position.
+pub fn teacher_forced_choices(
+    model: &LoadedModel,
+    windows: &[Vec<f32>],
+    sequences: &[Vec<i64>],
+) -> Vec<Vec<i64>> {
+    assert_eq!(windows.len(), sequences.len());
+    let pad = model.generation.eos_token_id;
+    let mut choices = Vec::with_capacity(sequences.len());
+    for (batch, tokens) in windows.chunks(8).zip(sequences.chunks(8)) {
+        let longest = tokens.iter().map(Vec::len).max().unwrap_or(0);
+        // Padding goes after each sequence: the causal mask keeps it out of the real positions.
+        let padded: Vec<i64> = tokens
+            .iter()
+            .flat_map(|t| {
+                t.iter()
+                    .copied()
+                    .chain(std::iter::repeat(pad))
+                    .take(longest)
+            })
+            .collect();
+        let best = tch::no_grad(|| {
+            let encoder_out = model.model.encoder.forward(&model.batch(batch));
+            let mut cache = model.model.decoder.new_cache(&encoder_out);
+            let input = Tensor::from_slice(&padded).view([tokens.len() as i64, longest as i64]);
+            model
+                .model
+                .decoder
+                .forward(&input, &mut cache)
+                .argmax(-1, false)
+        });
+        for (row, t) in tokens.iter().enumerate() {
+            let row: Vec<i64> = Vec::try_from(best.get(row as i64)).expect("argmax");
+            choices.push(row[..t.len()].to_vec());
+        }
+    }
+    choices
 }
