@@ -1,36 +1,75 @@
 //! whisper-base (converted from the setup's CTranslate2 directory) against HF transformers on
 //! the espeak-ng Mandarin test clips: greedy text, CER, and int8 against fp32.
 
+use std::sync::OnceLock;
+
 use asr_audio::InputFormat;
 use asr_whisper::metrics::cer;
-use asr_whisper::{DecodeOptions, LoadedModel, Precision};
+use asr_whisper::{DecodeOptions, LoadedModel, Precision, WindowTranscript};
 use e2e_support::whisper_base::{
     espeak_adapter_dir, first_windows, load, load_with_adapter, model_dir, teacher_forced_choices,
     test_clips, write_windows_npy,
 };
 use e2e_support::{assets, our_windows, run_reference};
+use tch::Tensor;
 
 const CLIPS: usize = 100;
 const BATCH: usize = 8;
-/// int8's share of fp32's next-token choices under teacher forcing (measured 95.05% on an
+/// int8's share of fp32's next-token choices under teacher forcing (measured 94.77% on an
 /// AVX2 machine; a wrong scale or a dropped outlier column falls far below).
 const AGREEMENT: f64 = 0.9;
 
-fn greedy(model: &LoadedModel, windows: &[Vec<f32>]) -> Vec<asr_whisper::WindowTranscript> {
-    // As HF generate runs by default: temperature 0, no fallback.
-    let options = DecodeOptions {
+/// As HF generate runs by default: temperature 0, no fallback.
+fn greedy_options() -> DecodeOptions {
+    DecodeOptions {
         language: Some("zh".into()),
         ..Default::default()
     }
-    .without_fallback();
+    .without_fallback()
+}
+
+fn greedy(model: &LoadedModel, windows: &[Vec<f32>]) -> Vec<WindowTranscript> {
     windows
         .chunks(BATCH)
         .flat_map(|batch| {
             model
-                .transcribe_windows(batch, &options)
+                .transcribe_windows(batch, &greedy_options())
                 .expect("transcribe")
         })
         .collect()
+}
+
+/// `model`'s decoding of the windows whose encoder output is `encoded`, BATCH at a time.
+fn decode_encoded(
+    model: &LoadedModel,
+    encoded: &Tensor,
+    options: &DecodeOptions,
+) -> Vec<WindowTranscript> {
+    let previous = model.initial_prompt_tokens(options).expect("prompt tokens");
+    let count = encoded.size()[0];
+    (0..count)
+        .step_by(BATCH)
+        .flat_map(|start| {
+            let batch = encoded.narrow(0, start, (BATCH as i64).min(count - start));
+            model
+                .transcribe_encoded(&batch, options, &previous)
+                .expect("decode")
+        })
+        .collect()
+}
+
+/// fp32 whisper-base's encoder output for the first CLIPS test clips, computed once for the
+/// tests of this binary that decode them: a window takes about a second on two cores, and
+/// these encoder passes were most of the binary's time.
+fn fp32_encoded(model: &LoadedModel) -> Tensor {
+    static ENCODED: OnceLock<(Vec<i64>, Vec<f32>)> = OnceLock::new();
+    let (shape, values) = ENCODED.get_or_init(|| {
+        assert_eq!(model.options.precision, Precision::Fp32);
+        let encoded = model.encode_windows(&first_windows(&test_clips(CLIPS)));
+        let values = Vec::<f32>::try_from(encoded.flatten(0, -1)).expect("encoder output");
+        (encoded.size(), values)
+    });
+    Tensor::from_slice(values).view(shape.as_slice())
 }
 
 fn transcribe(model: &LoadedModel, windows: &[Vec<f32>]) -> Vec<String> {
@@ -109,7 +148,8 @@ fn greedy_text_matches_hf_and_int8_follows_fp32() {
         .collect();
 
     let fp32 = load(Precision::Fp32);
-    let fp32_greedy = greedy(&fp32, &windows);
+    let fp32_encoded = fp32_encoded(&fp32);
+    let fp32_greedy = decode_encoded(&fp32, &fp32_encoded, &greedy_options());
     let ours = texts(&fp32_greedy);
     let fp32_bytes = fp32.model.weight_bytes();
     // fp32's greedy tokens after the prompt, for int8 to follow (teacher forcing).
@@ -132,11 +172,13 @@ fn greedy_text_matches_hf_and_int8_follows_fp32() {
                 .collect()
         })
         .collect();
-    let fp32_choices = teacher_forced_choices(&fp32, &windows, &sequences);
-    drop(fp32);
+    let fp32_choices = teacher_forced_choices(&fp32, &fp32_encoded, &sequences);
+    drop((fp32, fp32_encoded));
     let int8 = load(Precision::Int8);
-    let ours_int8 = transcribe(&int8, &windows);
-    let int8_choices = teacher_forced_choices(&int8, &windows, &sequences);
+    let int8_encoded = int8.encode_windows(&windows);
+    let ours_int8 = texts(&decode_encoded(&int8, &int8_encoded, &greedy_options()));
+    let int8_choices = teacher_forced_choices(&int8, &int8_encoded, &sequences);
+    drop(int8_encoded);
     // int8 keeps the linear weights at 1 byte per parameter; the token embedding (51865 x 512,
     // 106 MB in f32 for whisper-base), convolutions, norms and biases stay f32, so the whole
     // shrinks to a bit over half here (and to about a quarter for large-v2, whose linears
@@ -205,6 +247,7 @@ fn greedy_text_matches_hf_and_int8_follows_fp32() {
 
 /// A decoding of ours against CTranslate2's (faster-whisper's engine) on identical features:
 /// the decoders are compared, not the front ends (faster-whisper pads features, HF pads audio).
+/// Every case decodes a prefix of the first CLIPS windows.
 struct Ct2Case {
     clips: usize,
     beam: usize,
@@ -213,47 +256,98 @@ struct Ct2Case {
     min_identical_percent: usize,
 }
 
-fn ours_vs_ctranslate2(case: Ct2Case) {
-    let clips = test_clips(case.clips);
-    let windows = first_windows(&clips);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let features = dir.path().join("features.npy");
-    write_windows_npy(&features, &windows);
-    let model = load(Precision::Fp32);
-    let options = DecodeOptions {
-        language: Some("zh".into()),
-        beam_size: case.beam,
-        timestamps: case.timestamps,
-        initial_prompt: case.initial_prompt.map(str::to_string),
-        ..Default::default()
+static BEAM5: Ct2Case = Ct2Case {
+    clips: CLIPS,
+    beam: 5,
+    timestamps: false,
+    initial_prompt: None,
+    min_identical_percent: 90,
+};
+/// Timestamp rules inside beam search, as CTranslate2 applies them.
+static BEAM5_TIMESTAMPS: Ct2Case = Ct2Case {
+    clips: 24,
+    beam: 5,
+    timestamps: true,
+    initial_prompt: None,
+    min_identical_percent: 90,
+};
+/// An initial prompt (`<|startofprev|>` and its tokens before the start of transcript), as
+/// faster-whisper passes it to CTranslate2.
+static INITIAL_PROMPT: Ct2Case = Ct2Case {
+    clips: 40,
+    beam: 1,
+    timestamps: false,
+    initial_prompt: Some("以下是普通话的句子。"),
+    min_identical_percent: 90,
+};
+static CT2_CASES: [&Ct2Case; 3] = [&BEAM5, &BEAM5_TIMESTAMPS, &INITIAL_PROMPT];
+
+impl Ct2Case {
+    fn options(&self) -> DecodeOptions {
+        DecodeOptions {
+            language: Some("zh".into()),
+            beam_size: self.beam,
+            timestamps: self.timestamps,
+            initial_prompt: self.initial_prompt.map(str::to_string),
+            ..Default::default()
+        }
+        .without_fallback()
     }
-    .without_fallback();
-    let previous = model
-        .initial_prompt_tokens(&options)
-        .expect("prompt tokens");
-    let prompt = model
-        .generation
-        .prompt_after(
-            &previous,
-            Some("zh"),
-            asr_whisper::Task::Transcribe,
-            case.timestamps,
-        )
-        .expect("prompt");
-    let ct2_dir = assets().join("whisper-base-ct2");
-    let output = run_reference(
-        "ct2_generate.py",
-        &[
-            ct2_dir.to_str().expect("path"),
-            features.to_str().expect("path"),
-            &case.beam.to_string(),
-        ],
-        Some(&serde_json::to_string(&prompt).expect("json")),
-    );
-    let theirs: Vec<Vec<i64>> = serde_json::from_str(output.trim()).expect("tokens");
-    let ours: Vec<Vec<i64>> = windows
-        .chunks(BATCH)
-        .flat_map(|batch| model.transcribe_windows(batch, &options).expect("decode"))
+
+    /// The decoder prompt CTranslate2 gets for this case (faster-whisper's).
+    fn prompt(&self, model: &LoadedModel) -> Vec<i64> {
+        let previous = model
+            .initial_prompt_tokens(&self.options())
+            .expect("prompt tokens");
+        model
+            .generation
+            .prompt_after(
+                &previous,
+                Some("zh"),
+                asr_whisper::Task::Transcribe,
+                self.timestamps,
+            )
+            .expect("prompt")
+    }
+}
+
+/// CTranslate2's tokens for every case of CT2_CASES, in that order: one process encodes the
+/// windows once for all of them.
+fn ct2_tokens(model: &LoadedModel) -> &'static [Vec<Vec<i64>>] {
+    static TOKENS: OnceLock<Vec<Vec<Vec<i64>>>> = OnceLock::new();
+    TOKENS.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let features = dir.path().join("features.npy");
+        write_windows_npy(&features, &first_windows(&test_clips(CLIPS)));
+        let jobs: Vec<serde_json::Value> = CT2_CASES
+            .iter()
+            .map(|case| {
+                serde_json::json!({"beam": case.beam, "prompt": case.prompt(model), "count": case.clips})
+            })
+            .collect();
+        let ct2_dir = assets().join("whisper-base-ct2");
+        let output = run_reference(
+            "ct2_generate.py",
+            &[
+                ct2_dir.to_str().expect("path"),
+                features.to_str().expect("path"),
+            ],
+            Some(&serde_json::to_string(&jobs).expect("json")),
+        );
+        serde_json::from_str(output.trim()).expect("tokens")
+    })
+}
+
+fn ours_vs_ctranslate2(case: &Ct2Case) {
+    let model = load(Precision::Fp32);
+    let index = CT2_CASES
+        .iter()
+        .position(|c| std::ptr::eq(*c, case))
+        .expect("a case of CT2_CASES");
+    let theirs = &ct2_tokens(&model)[index];
+    let encoded = fp32_encoded(&model).narrow(0, 0, case.clips as i64);
+    let ours: Vec<Vec<i64>> = decode_encoded(&model, &encoded, &case.options())
+        .into_iter()
         .map(|t| {
             t.tokens
                 .into_iter()
@@ -261,10 +355,11 @@ fn ours_vs_ctranslate2(case: Ct2Case) {
                 .collect()
         })
         .collect();
-    let identical = ours.iter().zip(&theirs).filter(|(a, b)| a == b).count();
+    assert_eq!(ours.len(), theirs.len());
+    let identical = ours.iter().zip(theirs).filter(|(a, b)| a == b).count();
     for (i, (a, b)) in ours
         .iter()
-        .zip(&theirs)
+        .zip(theirs)
         .enumerate()
         .filter(|(_, (a, b))| a != b)
         .take(5)
@@ -288,49 +383,28 @@ fn ours_vs_ctranslate2(case: Ct2Case) {
         case.beam,
         case.timestamps,
         case.initial_prompt,
-        windows.len()
+        case.clips
     );
     assert!(
-        identical * 100 >= case.min_identical_percent * windows.len(),
+        identical * 100 >= case.min_identical_percent * case.clips,
         "only {identical}/{} identical",
-        windows.len()
+        case.clips
     );
 }
 
 #[test]
 fn beam5_matches_ctranslate2_on_the_same_features() {
-    ours_vs_ctranslate2(Ct2Case {
-        clips: CLIPS,
-        beam: 5,
-        timestamps: false,
-        initial_prompt: None,
-        min_identical_percent: 90,
-    });
+    ours_vs_ctranslate2(&BEAM5);
 }
 
-/// Timestamp rules inside beam search, as CTranslate2 applies them.
 #[test]
 fn beam5_with_timestamps_matches_ctranslate2() {
-    ours_vs_ctranslate2(Ct2Case {
-        clips: 24,
-        beam: 5,
-        timestamps: true,
-        initial_prompt: None,
-        min_identical_percent: 90,
-    });
+    ours_vs_ctranslate2(&BEAM5_TIMESTAMPS);
 }
 
-/// An initial prompt (`<|startofprev|>` and its tokens before the start of transcript), as
-/// faster-whisper passes it to CTranslate2.
 #[test]
 fn greedy_after_an_initial_prompt_matches_ctranslate2() {
-    ours_vs_ctranslate2(Ct2Case {
-        clips: 40,
-        beam: 1,
-        timestamps: false,
-        initial_prompt: Some("以下是普通话的句子。"),
-        min_identical_percent: 90,
-    });
+    ours_vs_ctranslate2(&INITIAL_PROMPT);
 }
 
 /// Temperature fallback on clips that whisper-base decodes into repetitive or unlikely text:
@@ -346,11 +420,14 @@ fn temperature_fallback_redecodes_exactly_the_failing_windows() {
         ..Default::default()
     };
     let thresholds = base.fallback.clone();
+    let encoded = model.encode_windows(&windows);
     let plain = model
-        .transcribe_windows(&windows, &base.clone().without_fallback())
+        .transcribe_encoded(&encoded, &base.clone().without_fallback(), &[])
         .expect("plain");
     tch::manual_seed(0);
-    let with_fallback = model.transcribe_windows(&windows, &base).expect("fallback");
+    let with_fallback = model
+        .transcribe_encoded(&encoded, &base, &[])
+        .expect("fallback");
     let (mut redone, mut silent) = (0, 0);
     for (i, (p, f)) in plain.iter().zip(&with_fallback).enumerate() {
         let failing = p.compression_ratio > 2.4 || p.avg_logprob < -1.0;

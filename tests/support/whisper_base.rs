@@ -96,19 +96,19 @@ pub fn load_with_adapter(precision: Precision, adapter_dir: &std::path::Path) ->
     model
 }
 
-/// Teacher forcing: each window's token sequence fed whole to the decoder, and the argmax of
-/// the logits at every position (entry `t` is the model's next-token choice after the first
-/// `t + 1` tokens). Unlike free decoding, one different choice does not change what follows,
+/// Teacher forcing: each window's token sequence fed whole to the decoder, after the windows'
+/// encoder output `encoded`, and the argmax of the logits at every position (entry `t` is the
+/// model's next-token choice after the first `t + 1` tokens). Unlike free decoding, one different choice does not change what follows,
 /// so this compares two models' numerics position by position.
 pub fn teacher_forced_choices(
     model: &LoadedModel,
-    windows: &[Vec<f32>],
+    encoded: &Tensor,
     sequences: &[Vec<i64>],
 ) -> Vec<Vec<i64>> {
-    assert_eq!(windows.len(), sequences.len());
+    assert_eq!(encoded.size()[0], sequences.len() as i64);
     let pad = model.generation.eos_token_id;
     let mut choices = Vec::with_capacity(sequences.len());
-    for (batch, tokens) in windows.chunks(8).zip(sequences.chunks(8)) {
+    for (start, tokens) in (0..).step_by(8).zip(sequences.chunks(8)) {
         let longest = tokens.iter().map(Vec::len).max().unwrap_or(0);
         // Padding goes after each sequence: the causal mask keeps it out of the real positions.
         let padded: Vec<i64> = tokens
@@ -121,7 +121,7 @@ pub fn teacher_forced_choices(
             })
             .collect();
         let best = tch::no_grad(|| {
-            let encoder_out = model.model.encoder.forward(&model.batch(batch));
+            let encoder_out = encoded.narrow(0, start, tokens.len() as i64);
             let mut cache = model.model.decoder.new_cache(&encoder_out);
             let input = Tensor::from_slice(&padded).view([tokens.len() as i64, longest as i64]);
             model

@@ -269,17 +269,32 @@ impl LoadedModel {
         options: &DecodeOptions,
         previous: &[i64],
     ) -> anyhow::Result<Vec<WindowTranscript>> {
+        self.transcribe_encoded(&self.encode_windows(windows), options, previous)
+    }
+
+    /// The encoder's output for `windows`, `[N, frames / 2, d_model]`: what
+    /// [`Self::transcribe_encoded`] decodes, once or with several settings.
+    pub fn encode_windows(&self, windows: &[Vec<f32>]) -> Tensor {
         let mel = self.batch(windows);
-        let encoder_out =
-            tch::no_grad(|| self.model.encoder.forward_in_chunks(&mel, ENCODER_CHUNK));
+        tch::no_grad(|| self.model.encoder.forward_in_chunks(&mel, ENCODER_CHUNK))
+    }
+
+    /// [`Self::transcribe_windows_after`] from the windows' encoder output.
+    pub fn transcribe_encoded(
+        &self,
+        encoder_out: &Tensor,
+        options: &DecodeOptions,
+        previous: &[i64],
+    ) -> anyhow::Result<Vec<WindowTranscript>> {
+        let count = encoder_out.size()[0] as usize;
         let languages: Vec<Option<String>> = match &options.language {
-            Some(code) => vec![Some(code.clone()); windows.len()],
+            Some(code) => vec![Some(code.clone()); count],
             None if self.generation.is_multilingual => self
                 .detect_language_encoded(&encoder_out)?
                 .into_iter()
                 .map(Some)
                 .collect(),
-            None => vec![None; windows.len()],
+            None => vec![None; count],
         };
         let rules = TimestampRules::new(&self.generation);
         let settings = DecodeSettings {
@@ -294,8 +309,8 @@ impl LoadedModel {
             fallback: &options.fallback,
         };
         // Windows with the same language decode as one batch.
-        let mut results: Vec<Option<WindowTranscript>> = vec![None; windows.len()];
-        let mut remaining: Vec<usize> = (0..windows.len()).collect();
+        let mut results: Vec<Option<WindowTranscript>> = vec![None; count];
+        let mut remaining: Vec<usize> = (0..count).collect();
         while let Some(&first) = remaining.first() {
             let language = languages[first].clone();
             let (group, rest): (Vec<usize>, Vec<usize>) =
