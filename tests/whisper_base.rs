@@ -148,8 +148,8 @@ fn greedy_text_matches_hf_and_int8_follows_fp32() {
         .collect();
 
     let fp32 = load(Precision::Fp32);
-    let fp32_encoded = fp32_encoded(&fp32);
-    let fp32_greedy = decode_encoded(&fp32, &fp32_encoded, &greedy_options());
+    let encoded_fp32 = fp32_encoded(&fp32);
+    let fp32_greedy = decode_encoded(&fp32, &encoded_fp32, &greedy_options());
     let ours = texts(&fp32_greedy);
     let fp32_bytes = fp32.model.weight_bytes();
     // fp32's greedy tokens after the prompt, for int8 to follow (teacher forcing).
@@ -172,8 +172,8 @@ fn greedy_text_matches_hf_and_int8_follows_fp32() {
                 .collect()
         })
         .collect();
-    let fp32_choices = teacher_forced_choices(&fp32, &fp32_encoded, &sequences);
-    drop((fp32, fp32_encoded));
+    let fp32_choices = teacher_forced_choices(&fp32, &encoded_fp32, &sequences);
+    drop((fp32, encoded_fp32));
     let int8 = load(Precision::Int8);
     let int8_encoded = int8.encode_windows(&windows);
     let ours_int8 = texts(&decode_encoded(&int8, &int8_encoded, &greedy_options()));

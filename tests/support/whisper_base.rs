@@ -98,8 +98,9 @@ pub fn load_with_adapter(precision: Precision, adapter_dir: &std::path::Path) ->
 
 /// Teacher forcing: each window's token sequence fed whole to the decoder, after the windows'
 /// encoder output `encoded`, and the argmax of the logits at every position (entry `t` is the
-/// model's next-token choice after the first `t + 1` tokens). Unlike free decoding, one different choice does not change what follows,
-/// so this compares two models' numerics position by position.
+/// model's next-token choice after the first `t + 1` tokens). Unlike free decoding, one
+/// different choice does not change what follows, so this compares two models' numerics
+/// position by position.
 pub fn teacher_forced_choices(
     model: &LoadedModel,
     encoded: &Tensor,

@@ -290,7 +290,7 @@ impl LoadedModel {
         let languages: Vec<Option<String>> = match &options.language {
             Some(code) => vec![Some(code.clone()); count],
             None if self.generation.is_multilingual => self
-                .detect_language_encoded(&encoder_out)?
+                .detect_language_encoded(encoder_out)?
                 .into_iter()
                 .map(Some)
                 .collect(),
