@@ -1,12 +1,14 @@
 //! Links the crate's binaries to the venv's libtorch and compiles the C++ autograd Function
 //! that carries gradients through int8 linear layers (csrc/int8_grad.cpp) and the fused CPU
-//! passes of the int8 linear (csrc/int8_quant.cpp).
+//! passes of the int8 linear (csrc/int8_quant.cpp), and fbgemm's int8 GEMM for CPUs without
+//! AVX512-VNNI (csrc/int8_fbgemm.cpp).
 
 fn main() {
     build_support::link_libtorch_rpath();
     println!("cargo:rerun-if-changed=csrc/int8_grad.cpp");
     println!("cargo:rerun-if-changed=csrc/int8_quant.cpp");
     println!("cargo:rerun-if-changed=csrc/int8_gemm.cpp");
+    println!("cargo:rerun-if-changed=csrc/int8_fbgemm.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Some(libtorch) = std::env::var_os("LIBTORCH").map(std::path::PathBuf::from) else {
@@ -30,4 +32,24 @@ fn main() {
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .warnings(false)
         .compile("asr_int8_grad");
+
+    // fbgemm's GEMM runs its blocks on libtorch's OpenMP threads (csrc/int8_fbgemm.cpp): this
+    // file alone is compiled with -fopenmp and linked to the wheel's own libgomp, the runtime
+    // libtorch_cpu already loads, so one OpenMP runtime serves both.
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/int8_fbgemm.cpp")
+        .opt_level(3)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-fopenmp")
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .warnings(false)
+        .compile("asr_int8_fbgemm");
+    let lib = libtorch.join("lib");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib:+verbatim=libgomp.so.1");
 }

@@ -88,6 +88,58 @@ ASR_ROW_KERNEL void quantize_masked_row(const float* row, const uint32_t* keep, 
   }
 }
 
+// Order-preserving integer keys of floats (a signed compare of keys orders as the floats do):
+// negative floats get their magnitude bits flipped. The map is its own inverse.
+inline int32_t float_key(uint32_t bits) {
+  const int32_t v = static_cast<int32_t>(bits);
+  return v ^ ((v >> 31) & 0x7fffffff);
+}
+
+inline float key_float(int32_t key) {
+  const uint32_t bits = static_cast<uint32_t>(float_key(static_cast<uint32_t>(key)));
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
+// The least and greatest keys of a row, outlier columns (keep[c] == 0) read as +0.0; integer
+// min/max vectorise where float ones need fast-math. `keep` null: every column.
+ASR_ROW_KERNEL void key_range(const uint32_t* bits, const uint32_t* keep, int64_t k, int32_t* lo,
+                              int32_t* hi) {
+  int32_t least = 0, greatest = 0;
+  if (keep) {
+    for (int64_t c = 0; c < k; ++c) {
+      const int32_t key = float_key(bits[c] & keep[c]);
+      least = std::min(least, key);
+      greatest = std::max(greatest, key);
+    }
+  } else {
+    for (int64_t c = 0; c < k; ++c) {
+      const int32_t key = float_key(bits[c]);
+      least = std::min(least, key);
+      greatest = std::max(greatest, key);
+    }
+  }
+  *lo = least;
+  *hi = greatest;
+}
+
+// q[c] = clamp(round_half_even(row[c] / scale) + zero_point, 0, 127), outlier columns read as
+// +0.0 (so they get the zero point). `keep` null: every column.
+ASR_ROW_KERNEL void quantize_row_u7(const float* row, const uint32_t* keep, float scale,
+                                    float zero_point, uint8_t* q, int64_t k) {
+  const float magic = 12582912.0f;
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(row);
+  for (int64_t c = 0; c < k; ++c) {
+    const uint32_t kept = keep ? (bits[c] & keep[c]) : bits[c];
+    float v;
+    std::memcpy(&v, &kept, sizeof v);
+    float level = ((v / scale + magic) - magic) + zero_point;
+    level = level < 0.0f ? 0.0f : (level > 127.0f ? 127.0f : level);
+    q[c] = static_cast<uint8_t>(level);
+  }
+}
+
 // y[c] = (float(acc[c]) * s) * cs[c].
 ASR_ROW_KERNEL void rescale_row(const int32_t* acc, float s, const float* cs, float* y, int64_t n) {
   for (int64_t c = 0; c < n; ++c) y[c] = (static_cast<float>(acc[c]) * s) * cs[c];
@@ -96,14 +148,23 @@ ASR_ROW_KERNEL void rescale_row(const int32_t* acc, float s, const float* cs, fl
 // x: f32 [M, K] contiguous on the CPU, rows in `groups` consecutive samples of M / groups rows.
 // Outlier columns: |x| > threshold anywhere in a sample's rows (per sample), or anywhere at all
 // (groups == 1); none when threshold <= 0.
+//
+// Two encodings: `Encoding::Symmetric` (bitsandbytes': x / (absmax / 127) rounded to
+// -127..127, for `_int_mm`), and `Encoding::Unsigned7` for fbgemm on AVX2 (int8_fbgemm.cpp):
+// the row's range [min(0, lo), max(0, hi)] over 127 steps, levels 0..127 with a zero point
+// (PyTorch's `reduce_range` affine quantisation), so x ~ (q - zero_point) * scale.
+enum class Encoding { Symmetric, Unsigned7 };
+
 struct Quantized {
-  at::Tensor xq;         // int8 [M, K], outlier entries zero
-  at::Tensor row_scale;  // f32 [M, 1]
+  at::Tensor xq;          // int8 [M, K] (Symmetric, outlier entries zero) or u8 (Unsigned7,
+                          // outlier entries at the zero point)
+  at::Tensor zero_point;  // int32 [M] (Unsigned7), undefined otherwise
+  at::Tensor row_scale;   // f32 [M, 1]
   at::Tensor columns;    // int64 [C], the union of the samples' outlier columns
   at::Tensor own;        // f32 [M, C], each row's own outlier values, others zero
 };
 
-Quantized quantize(const at::Tensor& x, double threshold, int64_t groups) {
+Quantized quantize(const at::Tensor& x, double threshold, int64_t groups, Encoding encoding) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
                   x.device().is_cpu(),
               "asr_int8_quantize: x must be a contiguous f32 CPU matrix");
@@ -143,11 +204,15 @@ Quantized quantize(const at::Tensor& x, double threshold, int64_t groups) {
   const int64_t n_cols = static_cast<int64_t>(union_columns.size());
 
   Quantized out;
-  out.xq = at::empty({m, k}, x.options().dtype(at::kChar));
+  const bool u7 = encoding == Encoding::Unsigned7;
+  out.xq = at::empty({m, k}, x.options().dtype(u7 ? at::kByte : at::kChar));
+  if (u7) out.zero_point = at::empty({m}, x.options().dtype(at::kInt));
   out.row_scale = at::empty({m, 1}, x.options());
   out.columns = at::from_blob(union_columns.data(), {n_cols}, at::kLong).clone();
   out.own = at::zeros({m, n_cols}, x.options());
-  int8_t* q = out.xq.data_ptr<int8_t>();
+  int8_t* q = u7 ? nullptr : out.xq.data_ptr<int8_t>();
+  uint8_t* q_u7 = u7 ? out.xq.data_ptr<uint8_t>() : nullptr;
+  int32_t* zero_points = u7 ? out.zero_point.data_ptr<int32_t>() : nullptr;
   float* scales = out.row_scale.data_ptr<float>();
   float* own = out.own.data_ptr<float>();
 
@@ -164,18 +229,32 @@ Quantized quantize(const at::Tensor& x, double threshold, int64_t groups) {
       const float* row = xs + r * k;
       const int64_t group = r / rows_per_group;
       const uint32_t* row_keep = any_outlier ? keep.data() + group * k : nullptr;
-      const float scale = std::max(row_absmax(row, row_keep, k) / 127.0f, 1e-12f);
-      scales[r] = scale;
+      if (u7) {
+        int32_t lo_key = 0, hi_key = 0;
+        key_range(reinterpret_cast<const uint32_t*>(row), row_keep, k, &lo_key, &hi_key);
+        const float lo = std::min(0.0f, key_float(lo_key));
+        const float hi = std::max(0.0f, key_float(hi_key));
+        const float scale = std::max((hi - lo) / 127.0f, 1e-12f);
+        const float zero_point = std::min(127.0f, std::max(0.0f, std::nearbyint(-lo / scale)));
+        scales[r] = scale;
+        zero_points[r] = static_cast<int32_t>(zero_point);
+        quantize_row_u7(row, row_keep, scale, zero_point, q_u7 + r * k, k);
+      } else {
+        const float scale = std::max(row_absmax(row, row_keep, k) / 127.0f, 1e-12f);
+        scales[r] = scale;
+        if (row_keep) {
+          quantize_masked_row(row, row_keep, scale, q + r * k, k);
+        } else {
+          quantize_row(row, scale, q + r * k, k);
+        }
+      }
       if (row_keep) {
-        quantize_masked_row(row, row_keep, scale, q + r * k, k);
         const uint8_t* flags = mask.data() + group * k;
         float* own_row = own + r * n_cols;
         for (int64_t j = 0; j < n_cols; ++j) {
           const int64_t c = union_columns[j];
           if (flags[c]) own_row[j] = row[c];
         }
-      } else {
-        quantize_row(row, scale, q + r * k, k);
       }
     }
   });
@@ -208,7 +287,7 @@ at::Tensor rescale(const at::Tensor& acc, const at::Tensor& row_scale, const at:
 extern "C" int asr_int8_quantize(at::Tensor* x, double threshold, int64_t groups, at::Tensor** xq,
                                  at::Tensor** row_scale, at::Tensor** columns, at::Tensor** own) {
   try {
-    Quantized out = quantize(*x, threshold, groups);
+    Quantized out = quantize(*x, threshold, groups, Encoding::Symmetric);
     *xq = new at::Tensor(std::move(out.xq));
     *row_scale = new at::Tensor(std::move(out.row_scale));
     *columns = new at::Tensor(std::move(out.columns));
@@ -216,6 +295,25 @@ extern "C" int asr_int8_quantize(at::Tensor* x, double threshold, int64_t groups
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "asr_int8_quantize: %s\n", e.what());
+    return -1;
+  }
+}
+
+// asr_int8_quantize with the Unsigned7 encoding: u8 levels and a zero point per row besides.
+extern "C" int asr_int8_quantize_u7(at::Tensor* x, double threshold, int64_t groups,
+                                    at::Tensor** xq, at::Tensor** zero_point,
+                                    at::Tensor** row_scale, at::Tensor** columns,
+                                    at::Tensor** own) {
+  try {
+    Quantized out = quantize(*x, threshold, groups, Encoding::Unsigned7);
+    *xq = new at::Tensor(std::move(out.xq));
+    *zero_point = new at::Tensor(std::move(out.zero_point));
+    *row_scale = new at::Tensor(std::move(out.row_scale));
+    *columns = new at::Tensor(std::move(out.columns));
+    *own = new at::Tensor(std::move(out.own));
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "asr_int8_quantize_u7: %s\n", e.what());
     return -1;
   }
 }

@@ -6,7 +6,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::int8_gemm::int8_mm;
+use crate::int8_gemm::{cpu_int8_gemm, int8_mm, CpuInt8Gemm, PackedInt8Weight};
 use crate::lora::{Adapter, LinearSite, LoraLayer};
 use crate::weights::Weights;
 
@@ -23,8 +23,8 @@ enum LinearWeight {
 /// A weight `[out, in]` as int8 with per-output-channel scales: `w ≈ q * scale[out]`.
 #[derive(Debug)]
 pub struct Int8Weight {
-    /// int8 `[in, out]`, the second operand of `_int_mm`.
-    q_t: Tensor,
+    /// The int8 values, `[in, out]`.
+    storage: Int8Storage,
     /// f32 `[out]`.
     scale: Tensor,
     outlier_threshold: f64,
@@ -33,6 +33,16 @@ pub struct Int8Weight {
     /// all rows as bitsandbytes does, so that a sample's output does not depend on what it is
     /// batched with.
     per_sample_outliers: bool,
+}
+
+/// Where an int8 weight's values live: one copy, in the layout of the GEMM that uses them.
+#[derive(Debug)]
+enum Int8Storage {
+    /// int8 `[in, out]`, the second operand of `_int_mm` (and of the exact float32 GEMM).
+    Plain(Tensor),
+    /// Packed for fbgemm, on CPUs where it is the chosen GEMM (see int8_gemm.rs); the rare
+    /// users of the plain matrix (gradients, dequantisation) unpack it.
+    Packed(PackedInt8Weight),
 }
 
 /// How an int8 layer multiplies (its storage stays int8 either way).
@@ -66,13 +76,20 @@ impl Int8Weight {
     fn from_parts(q: &Tensor, scale: Tensor, outlier_threshold: f64) -> Self {
         // `[in, out]`: row-major on the CPU; on CUDA the transposed view of `[out, in]`
         // (column-major), since cuBLASLt's int8 kernels only take that (TN) layout.
-        let q_t = if q.device() == Device::Cpu {
-            q.tr().contiguous()
+        let storage = if q.device() != Device::Cpu {
+            Int8Storage::Plain(q.contiguous().tr())
         } else {
-            q.contiguous().tr()
+            let q_t = q.tr().contiguous();
+            let packed = (cpu_int8_gemm() == CpuInt8Gemm::Fbgemm)
+                .then(|| PackedInt8Weight::pack(&q_t))
+                .flatten();
+            match packed {
+                Some(packed) => Int8Storage::Packed(packed),
+                None => Int8Storage::Plain(q_t),
+            }
         };
         Self {
-            q_t,
+            storage,
             scale,
             outlier_threshold,
             compute: Int8Compute::default(),
@@ -82,7 +99,33 @@ impl Int8Weight {
 
     /// The float weight `[out, in]` this one stands for.
     pub fn dequantize(&self) -> Tensor {
-        self.q_t.tr().to_kind(Kind::Float) * self.scale.unsqueeze(1)
+        self.q_t().tr().to_kind(Kind::Float) * self.scale.unsqueeze(1)
+    }
+
+    /// The int8 values `[in, out]` as a plain tensor (unpacked for each call when packed).
+    fn q_t(&self) -> Tensor {
+        match &self.storage {
+            Int8Storage::Plain(q_t) => q_t.shallow_clone(),
+            // The only failure is libtorch's allocation of the result.
+            Int8Storage::Packed(packed) => packed.unpack().expect("unpacking an int8 weight"),
+        }
+    }
+
+    /// Rows `columns` of the values (the outlier columns' inputs), int8 `[C, out]`.
+    fn q_t_rows(&self, columns: &Tensor) -> Tensor {
+        match &self.storage {
+            Int8Storage::Plain(q_t) => q_t.index_select(0, columns),
+            // The columns come from the activations' own width, which the layer checked.
+            Int8Storage::Packed(packed) => packed.rows(columns).expect("outlier rows in range"),
+        }
+    }
+
+    /// The packed values, where fbgemm is the layer's GEMM.
+    fn packed_weight(&self) -> Option<&PackedInt8Weight> {
+        match &self.storage {
+            Int8Storage::Packed(packed) => Some(packed),
+            Int8Storage::Plain(_) => None,
+        }
     }
 
     /// `x [M, in]` (float) times the weight's transpose, `[M, out]` in float32. In-place steps
@@ -197,13 +240,12 @@ impl Int8Weight {
         let _ = scaled.round_().clamp_(-127.0, 127.0);
         let xq = scaled.to_kind(Kind::Int8);
         drop(scaled);
-        let mut y = int8_mm(&xq, &self.q_t).to_kind(Kind::Float);
+        let mut y = int8_mm(&xq, &self.q_t()).to_kind(Kind::Float);
         drop(xq);
         y *= &row_scale;
         y *= self.scale.unsqueeze(0);
         if let Some((columns, own)) = outliers {
-            let w_cols =
-                self.q_t.index_select(0, &columns).to_kind(Kind::Float) * self.scale.unsqueeze(0);
+            let w_cols = self.q_t_rows(&columns).to_kind(Kind::Float) * self.scale.unsqueeze(0);
             y += own.matmul(&w_cols);
         }
         y
@@ -211,15 +253,27 @@ impl Int8Weight {
 }
 
 impl Int8Weight {
-    /// The same product as [`Self::aten_product`], bit for bit, with the passes over the
-    /// activations fused in C++ (csrc/int8_quant.cpp): outlier columns and row quantisation in
-    /// two passes, the int32 -> float rescaling in one. `None` (and the error on stderr) if
-    /// libtorch refused, so the caller falls back to the ATen path.
+    /// The CPU product with the passes over the activations fused in C++: through fbgemm
+    /// where it is the chosen GEMM ([`Self::fbgemm_product`]), else [`Self::fused_product`].
+    /// `None` (and the error on stderr) if libtorch refused, so the caller falls back to the
+    /// ATen path.
     fn fused_cpu_product(&self, x: &Tensor, groups: i64) -> Option<Tensor> {
         let rows = x.size()[0];
         if groups < 1 || rows % groups != 0 {
             return None;
         }
+        if cpu_int8_gemm() == CpuInt8Gemm::Fbgemm {
+            if let Some(packed) = self.packed_weight() {
+                return self.fbgemm_product(packed, x, groups);
+            }
+        }
+        self.fused_product(x, groups)
+    }
+
+    /// The same product as [`Self::aten_product`], bit for bit, with the passes over the
+    /// activations fused in C++ (csrc/int8_quant.cpp): outlier columns and row quantisation in
+    /// two passes, the int32 -> float rescaling in one.
+    fn fused_product(&self, x: &Tensor, groups: i64) -> Option<Tensor> {
         let mut out: [*mut torch_sys::C_tensor; 4] = [std::ptr::null_mut(); 4];
         // SAFETY: `x` is a live tensor for the call; on success the C++ side stores four new
         // heap tensors in `out`, each then owned by one `Tensor`.
@@ -239,28 +293,62 @@ impl Int8Weight {
             }
             out.map(|t| Tensor::from_ptr(t))
         };
-        let acc = int8_mm(&xq, &self.q_t);
-        // SAFETY: live tensors for the call; the result is a new heap tensor or null.
-        let y = unsafe {
-            let y = asr_int8_rescale(
-                acc.as_ptr() as *mut _,
-                row_scale.as_ptr() as *mut _,
-                self.scale.as_ptr() as *mut _,
-            );
-            if y.is_null() {
+        let acc = int8_mm(&xq, &self.q_t());
+        let y = rescale(&acc, &row_scale, &self.scale)?;
+        Some(self.add_outlier_columns(y, &columns, &own))
+    }
+
+    /// The fused product with 7-bit activations through fbgemm (see int8_gemm.rs): the same
+    /// outlier columns in float, the regular part quantised per row to 0..127 with a zero
+    /// point, `(q - zero_point) * row_scale` standing for the activations.
+    fn fbgemm_product(&self, packed: &PackedInt8Weight, x: &Tensor, groups: i64) -> Option<Tensor> {
+        let mut out: [*mut torch_sys::C_tensor; 5] = [std::ptr::null_mut(); 5];
+        // SAFETY: `x` is a live tensor for the call; on success the C++ side stores five new
+        // heap tensors in `out`, each then owned by one `Tensor`.
+        let [xq, zero_point, row_scale, columns, own] = unsafe {
+            let [a, b, c, d, e] = &mut out;
+            if asr_int8_quantize_u7(
+                x.as_ptr() as *mut _,
+                self.outlier_threshold,
+                groups,
+                a,
+                b,
+                c,
+                d,
+                e,
+            ) != 0
+            {
                 return None;
             }
-            Tensor::from_ptr(y)
+            out.map(|t| Tensor::from_ptr(t))
         };
-        let mut y = y;
+        let acc = packed.mm(&xq, &zero_point)?;
+        let y = rescale(&acc, &row_scale, &self.scale)?;
+        Some(self.add_outlier_columns(y, &columns, &own))
+    }
+
+    /// `y + own @ (q[:, columns] * scale)^T`, the float product of the outlier columns.
+    fn add_outlier_columns(&self, mut y: Tensor, columns: &Tensor, own: &Tensor) -> Tensor {
         if columns.size()[0] > 0 {
-            let w_cols =
-                self.q_t.index_select(0, &columns).to_kind(Kind::Float) * self.scale.unsqueeze(0);
+            let w_cols = self.q_t_rows(columns).to_kind(Kind::Float) * self.scale.unsqueeze(0);
             // A product then a sum, not addmm_: addmm_ rounds differently, and these bits
             // are the ones the int8 CER tests and benchmarks were measured with.
             y += own.matmul(&w_cols);
         }
-        Some(y)
+        y
+    }
+}
+
+/// `(float(acc) * row_scale) * col_scale` in C++ (csrc/int8_quant.cpp); `None` if refused.
+fn rescale(acc: &Tensor, row_scale: &Tensor, col_scale: &Tensor) -> Option<Tensor> {
+    // SAFETY: live tensors for the call; the result is a new heap tensor or null.
+    unsafe {
+        let y = asr_int8_rescale(
+            acc.as_ptr() as *mut _,
+            row_scale.as_ptr() as *mut _,
+            col_scale.as_ptr() as *mut _,
+        );
+        (!y.is_null()).then(|| Tensor::from_ptr(y))
     }
 }
 
@@ -280,6 +368,19 @@ extern "C" {
         threshold: f64,
         groups: i64,
         xq: *mut *mut torch_sys::C_tensor,
+        row_scale: *mut *mut torch_sys::C_tensor,
+        columns: *mut *mut torch_sys::C_tensor,
+        own: *mut *mut torch_sys::C_tensor,
+    ) -> i32;
+
+    /// csrc/int8_quant.cpp: [`asr_int8_quantize`] with 7-bit levels (u8 `[M, K]` in 0..127)
+    /// and a zero point per row (int32 `[M]`) after them.
+    fn asr_int8_quantize_u7(
+        x: *mut torch_sys::C_tensor,
+        threshold: f64,
+        groups: i64,
+        xq: *mut *mut torch_sys::C_tensor,
+        zero_point: *mut *mut torch_sys::C_tensor,
         row_scale: *mut *mut torch_sys::C_tensor,
         columns: *mut *mut torch_sys::C_tensor,
         own: *mut *mut torch_sys::C_tensor,
@@ -307,7 +408,7 @@ impl Int8Weight {
     fn matmul_t_with_grad(&self, x: &Tensor, groups: i64) -> Tensor {
         if let Int8Compute::Dequantized(kind) = self.compute {
             let w_t = tch::no_grad(|| {
-                (self.q_t.to_kind(Kind::Float) * self.scale.unsqueeze(0)).to_kind(kind)
+                (self.q_t().to_kind(Kind::Float) * self.scale.unsqueeze(0)).to_kind(kind)
             });
             return x.to_kind(kind).matmul(&w_t).to_kind(Kind::Float);
         }
@@ -315,13 +416,15 @@ impl Int8Weight {
         if !x.requires_grad() {
             return y;
         }
+        // Kept by the autograd Function for the backward pass (an unpacked copy when packed).
+        let q_t = self.q_t();
         // SAFETY: the four pointers are live tensors for the call; the C++ side returns a new
         // heap tensor (owned by the returned `Tensor`) or null on a libtorch error.
         let out = unsafe {
             asr_int8_linear_grad(
                 x.as_ptr() as *mut _,
                 y.as_ptr() as *mut _,
-                self.q_t.as_ptr() as *mut _,
+                q_t.as_ptr() as *mut _,
                 self.scale.as_ptr() as *mut _,
             )
         };
@@ -522,7 +625,13 @@ impl Linear {
     pub fn weight_bytes(&self) -> i64 {
         let weight = match &self.weight {
             LinearWeight::Float(w) => tensor_bytes(w),
-            LinearWeight::Int8(w) => tensor_bytes(&w.q_t) + tensor_bytes(&w.scale),
+            LinearWeight::Int8(w) => {
+                let values = match &w.storage {
+                    Int8Storage::Plain(q_t) => tensor_bytes(q_t),
+                    Int8Storage::Packed(packed) => packed.bytes(),
+                };
+                values + tensor_bytes(&w.scale)
+            }
         };
         weight + self.bias.as_ref().map_or(0, tensor_bytes)
     }
@@ -693,9 +802,7 @@ mod tests {
         for threshold in [6.0, 0.0, 100.0] {
             let q = Int8Weight::quantize(&w, threshold);
             for groups in [1, 2, 3, 12] {
-                let fused = q
-                    .fused_cpu_product(&x, groups)
-                    .expect("the fused kernels ran");
+                let fused = q.fused_product(&x, groups).expect("the fused kernels ran");
                 let aten = q.aten_product(&x, groups);
                 assert!(
                     fused.equal(&aten),
@@ -707,5 +814,71 @@ mod tests {
         // Rows not divisible into the groups: refused, for the caller's ATen path.
         let q = Int8Weight::quantize(&w, 6.0);
         assert!(q.fused_cpu_product(&x, 5).is_none());
+    }
+
+    /// The 7-bit encoding written with ATen ops: per row (outlier columns zeroed) the range
+    /// [min(0, lo), max(0, hi)] in 127 steps, the zero point rounded, levels clamped to
+    /// 0..127; then the exact integer product of the centred levels, rescaled in
+    /// `(acc * row_scale) * scale` order, plus the outlier columns in float.
+    fn aten_u7_product(q: &Int8Weight, x: &Tensor, groups: i64) -> Tensor {
+        let split = if groups > 1 && q.outlier_threshold > 0.0 {
+            q.split_per_sample(x, groups)
+        } else {
+            q.split_shared(x)
+        };
+        let regular = &split.regular;
+        let lo = regular.amin([1], true).clamp_max(0.0);
+        let hi = regular.amax([1], true).clamp_min(0.0);
+        let row_scale = ((&hi - &lo) / 127.0).clamp_min(1e-12);
+        let zero_point = (-&lo / &row_scale).round().clamp(0.0, 127.0);
+        let levels = (regular / &row_scale).round() + &zero_point;
+        let centred = levels.clamp(0.0, 127.0) - &zero_point;
+        let acc = centred
+            .to_kind(Kind::Int64)
+            .matmul(&q.q_t().to_kind(Kind::Int64))
+            .to_kind(Kind::Int);
+        let y = acc.to_kind(Kind::Float) * &row_scale * q.scale.unsqueeze(0);
+        match &split.outliers {
+            Some((columns, own)) => q.add_outlier_columns(y, columns, own),
+            None => y,
+        }
+    }
+
+    #[test]
+    fn fbgemm_product_is_the_seven_bit_encoding_and_close_to_float() {
+        if cpu_int8_gemm() != CpuInt8Gemm::Fbgemm {
+            eprintln!("fbgemm is not this CPU's int8 GEMM: skipped");
+            return;
+        }
+        tch::manual_seed(7);
+        let w = Tensor::randn([48, 80], (Kind::Float, Device::Cpu)) * 0.05;
+        let x = Tensor::randn([12, 80], (Kind::Float, Device::Cpu)) * 2.0;
+        let _ = x.get(1).get(5).fill_(30.0);
+        let _ = x.get(7).get(60).fill_(-9.5);
+        let _ = x.get(4).fill_(0.0);
+        // One-sided rows (after GELU, after a ReLU): the zero point at an end.
+        let _ = x.get(2).abs_();
+        x.get(3).copy_(&(-x.get(3).abs()));
+        x.get(9)
+            .copy_(&(Tensor::arange(80, (Kind::Float, Device::Cpu)) * 0.5 - 20.0));
+        let exact = x.matmul(&w.tr());
+        for threshold in [6.0, 0.0, 100.0] {
+            let q = Int8Weight::quantize(&w, threshold);
+            let packed = q.packed_weight().expect("packed where fbgemm runs");
+            for groups in [1, 2, 3, 12] {
+                let fused = q.fbgemm_product(packed, &x, groups).expect("fbgemm ran");
+                let aten = aten_u7_product(&q, &x, groups);
+                let diff = (&fused - &aten).abs().max().double_value(&[]);
+                // Same levels and integers; the rescale may differ in the last bit from the
+                // ATen product's rounding, nothing more.
+                assert!(
+                    diff <= 1e-5 * aten.abs().max().double_value(&[]),
+                    "threshold {threshold}, groups {groups}: fbgemm differs from ATen by {diff}"
+                );
+                let rel =
+                    (&fused - &exact).norm().double_value(&[]) / exact.norm().double_value(&[]);
+                assert!(rel < 0.03, "relative error {rel} (threshold {threshold})");
+            }
+        }
     }
 }
