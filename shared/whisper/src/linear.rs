@@ -33,6 +33,9 @@ pub struct Int8Weight {
     /// all rows as bitsandbytes does, so that a sample's output does not depend on what it is
     /// batched with.
     per_sample_outliers: bool,
+    /// bitsandbytes' symmetric 8-bit activations on every CPU, not fbgemm's 7-bit ones (see
+    /// [`Linear::set_symmetric_int8`]).
+    symmetric_activations: bool,
 }
 
 /// Where an int8 weight's values live: one copy, in the layout of the GEMM that uses them.
@@ -94,6 +97,7 @@ impl Int8Weight {
             outlier_threshold,
             compute: Int8Compute::default(),
             per_sample_outliers: false,
+            symmetric_activations: false,
         }
     }
 
@@ -262,7 +266,7 @@ impl Int8Weight {
         if groups < 1 || rows % groups != 0 {
             return None;
         }
-        if cpu_int8_gemm() == CpuInt8Gemm::Fbgemm {
+        if cpu_int8_gemm() == CpuInt8Gemm::Fbgemm && !self.symmetric_activations {
             if let Some(packed) = self.packed_weight() {
                 return self.fbgemm_product(packed, x, groups);
             }
@@ -545,6 +549,15 @@ impl Linear {
     pub fn set_per_sample_outliers(&mut self, on: bool) {
         if let LinearWeight::Int8(weight) = &mut self.weight {
             weight.per_sample_outliers = on;
+        }
+    }
+
+    /// bitsandbytes' symmetric 8-bit activation quantisation even where fbgemm's 7-bit one
+    /// is the CPU's fast path (training: the forward PEFT's recipe computes, at the exact
+    /// float32 GEMM's speed); float layers ignore it.
+    pub fn set_symmetric_int8(&mut self, on: bool) {
+        if let LinearWeight::Int8(weight) = &mut self.weight {
+            weight.symmetric_activations = on;
         }
     }
 

@@ -619,6 +619,17 @@ impl Whisper {
         }
     }
 
+    /// bitsandbytes' symmetric 8-bit activations in every int8 layer (see
+    /// [`Linear::set_symmetric_int8`]); the trainer sets it.
+    pub fn set_symmetric_int8(&mut self, on: bool) {
+        for linear in self.linears_mut() {
+            linear.set_symmetric_int8(on);
+        }
+        if let Some(proj_out) = self.decoder.proj_out.as_mut() {
+            proj_out.set_symmetric_int8(on);
+        }
+    }
+
     /// Batch-invariant int8: each sample of a batch picks its own LLM.int8 outlier columns
     /// (see [`Linear::set_per_sample_outliers`]), so a window decodes the same alone or
     /// batched with others, as a server batching unrelated requests needs.

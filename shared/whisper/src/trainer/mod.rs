@@ -213,6 +213,10 @@ impl<'a> Trainer<'a> {
         );
         model.attach(&adapter);
         model.set_compute_kind(config.mixed_precision.compute_kind());
+        // The int8 base computes as bitsandbytes does under PEFT: 8-bit activations, not the
+        // 7-bit ones of fbgemm's inference path (on a tiny random model they moved the first
+        // loss by 1%, against 0.2% between fp32 and bf16 compute).
+        model.set_symmetric_int8(true);
         adapter.set_training(true);
         let batches = examples.div_ceil(config.batch_size);
         let steps_per_epoch = batches.div_ceil(config.grad_accum) as i64;
