@@ -44,8 +44,21 @@ enum Int8Storage {
     /// int8 `[in, out]`, the second operand of `_int_mm` (and of the exact float32 GEMM).
     Plain(Tensor),
     /// Packed for fbgemm, on CPUs where it is the chosen GEMM (see int8_gemm.rs); the rare
-    /// users of the plain matrix (gradients, dequantisation) unpack it.
+    /// users of the plain matrix (dequantisation) unpack it.
     Packed(PackedInt8Weight),
+}
+
+impl Int8Storage {
+    /// CPU values `[in, out]`, packed where fbgemm is the chosen GEMM and takes them.
+    fn for_fbgemm(q_t: Tensor) -> Self {
+        let packed = (cpu_int8_gemm() == CpuInt8Gemm::Fbgemm)
+            .then(|| PackedInt8Weight::pack(&q_t))
+            .flatten();
+        match packed {
+            Some(packed) => Self::Packed(packed),
+            None => Self::Plain(q_t),
+        }
+    }
 }
 
 /// How an int8 layer multiplies (its storage stays int8 either way).
@@ -82,14 +95,7 @@ impl Int8Weight {
         let storage = if q.device() != Device::Cpu {
             Int8Storage::Plain(q.contiguous().tr())
         } else {
-            let q_t = q.tr().contiguous();
-            let packed = (cpu_int8_gemm() == CpuInt8Gemm::Fbgemm)
-                .then(|| PackedInt8Weight::pack(&q_t))
-                .flatten();
-            match packed {
-                Some(packed) => Int8Storage::Packed(packed),
-                None => Int8Storage::Plain(q_t),
-            }
+            Int8Storage::for_fbgemm(q.tr().contiguous())
         };
         Self {
             storage,
@@ -104,6 +110,24 @@ impl Int8Weight {
     /// The float weight `[out, in]` this one stands for.
     pub fn dequantize(&self) -> Tensor {
         self.q_t().tr().to_kind(Kind::Float) * self.scale.unsqueeze(1)
+    }
+
+    /// bitsandbytes' symmetric 8-bit activations (`on`) or the CPU's fast GEMM. The values
+    /// move to the layout of the GEMM that will use them: plain for the symmetric product
+    /// (which would otherwise unpack the weight on every call), packed for fbgemm.
+    fn set_symmetric_activations(&mut self, on: bool) {
+        self.symmetric_activations = on;
+        let storage = std::mem::replace(&mut self.storage, Int8Storage::Plain(Tensor::new()));
+        self.storage = match storage {
+            Int8Storage::Packed(packed) if on => match packed.unpack() {
+                Some(q_t) => Int8Storage::Plain(q_t),
+                None => Int8Storage::Packed(packed),
+            },
+            Int8Storage::Plain(q_t) if !on && q_t.device() == Device::Cpu => {
+                Int8Storage::for_fbgemm(q_t)
+            }
+            unchanged => unchanged,
+        };
     }
 
     /// The int8 values `[in, out]` as a plain tensor (unpacked for each call when packed).
@@ -557,7 +581,7 @@ impl Linear {
     /// float32 GEMM's speed); float layers ignore it.
     pub fn set_symmetric_int8(&mut self, on: bool) {
         if let LinearWeight::Int8(weight) = &mut self.weight {
-            weight.symmetric_activations = on;
+            weight.set_symmetric_activations(on);
         }
     }
 
@@ -827,6 +851,25 @@ mod tests {
         // Rows not divisible into the groups: refused, for the caller's ATen path.
         let q = Int8Weight::quantize(&w, 6.0);
         assert!(q.fused_cpu_product(&x, 5).is_none());
+    }
+
+    /// Training's symmetric 8-bit product holds the values plain (no unpacking per call) and
+    /// gives the exact 8-bit path's output; switching back packs them again for fbgemm.
+    #[test]
+    fn symmetric_activations_move_the_values_to_the_plain_layout() {
+        tch::manual_seed(9);
+        let w = Tensor::randn([24, 40], (Kind::Float, Device::Cpu)) * 0.05;
+        let x = Tensor::randn([6, 40], (Kind::Float, Device::Cpu));
+        let mut q = Int8Weight::quantize(&w, 6.0);
+        let packed_at_load = q.packed_weight().is_some();
+        let fast = q.matmul_t(&x);
+        q.set_symmetric_activations(true);
+        assert!(matches!(q.storage, Int8Storage::Plain(_)));
+        let symmetric = q.matmul_t(&x);
+        assert!(symmetric.equal(&q.aten_product(&x, 1)));
+        q.set_symmetric_activations(false);
+        assert_eq!(q.packed_weight().is_some(), packed_at_load);
+        assert!(q.matmul_t(&x).equal(&fast));
     }
 
     /// The 7-bit encoding written with ATen ops: per row (outlier columns zeroed) the range
