@@ -116,19 +116,25 @@ at::Tensor unpack(const PackedWeight& w) {
 
 }  // namespace
 
+// Runs `body`, returning its pointer, or null after printing libtorch's error under `name`:
+// nothing may unwind into the Rust caller.
+template <class Body>
+auto guarded(const char* name, Body body) -> decltype(body()) {
+  try {
+    return body();
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "%s: %s\n", name, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: %s\n", name, e.what());
+  }
+  return nullptr;
+}
+
 extern "C" int asr_fbgemm_supported() { return fbgemm::fbgemmSupportedCPU() ? 1 : 0; }
 
 // A packed copy of `q_t` (int8 [K, N]), or null after printing the error.
 extern "C" void* asr_fbgemm_pack(at::Tensor* q_t) {
-  try {
-    return pack(*q_t);
-  } catch (const c10::Error& e) {
-    std::fprintf(stderr, "asr_fbgemm_pack: %s\n", e.what_without_backtrace());
-    return nullptr;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "asr_fbgemm_pack: %s\n", e.what());
-    return nullptr;
-  }
+  return guarded("asr_fbgemm_pack", [&]() -> void* { return pack(*q_t); });
 }
 
 extern "C" void asr_fbgemm_free(void* packed) { delete static_cast<PackedWeight*>(packed); }
@@ -143,34 +149,19 @@ extern "C" int64_t asr_fbgemm_bytes(void* packed) {
 }
 
 extern "C" at::Tensor* asr_fbgemm_mm(at::Tensor* xq, at::Tensor* zero_point, void* packed) {
-  try {
+  return guarded("asr_fbgemm_mm", [&] {
     return new at::Tensor(product(*xq, *zero_point, *static_cast<const PackedWeight*>(packed)));
-  } catch (const c10::Error& e) {
-    std::fprintf(stderr, "asr_fbgemm_mm: %s\n", e.what_without_backtrace());
-    return nullptr;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "asr_fbgemm_mm: %s\n", e.what());
-    return nullptr;
-  }
+  });
 }
 
 extern "C" at::Tensor* asr_fbgemm_rows(void* packed, at::Tensor* rows) {
-  try {
+  return guarded("asr_fbgemm_rows", [&] {
     return new at::Tensor(gather_rows(*static_cast<const PackedWeight*>(packed), *rows));
-  } catch (const c10::Error& e) {
-    std::fprintf(stderr, "asr_fbgemm_rows: %s\n", e.what_without_backtrace());
-    return nullptr;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "asr_fbgemm_rows: %s\n", e.what());
-    return nullptr;
-  }
+  });
 }
 
 extern "C" at::Tensor* asr_fbgemm_unpack(void* packed) {
-  try {
+  return guarded("asr_fbgemm_unpack", [&] {
     return new at::Tensor(unpack(*static_cast<const PackedWeight*>(packed)));
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "asr_fbgemm_unpack: %s\n", e.what());
-    return nullptr;
-  }
+  });
 }
