@@ -53,6 +53,10 @@ pub struct TranscribeArgs {
     /// Sampled candidates per window at temperatures above 0.
     #[arg(long, default_value_t = 5)]
     pub best_of: usize,
+    /// Seed of the sampling at temperatures above 0 (with each window's audio): the same
+    /// file, options and seed give the same text.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Retry at the next temperature above this gzip compression ratio (negative: off).
     #[arg(long, default_value_t = 2.4, allow_negative_numbers = true)]
     pub compression_ratio_threshold: f64,
@@ -225,6 +229,7 @@ fn transcribe_local(args: &TranscribeArgs) -> anyhow::Result<Vec<FileResult>> {
                 .then_some(args.compression_ratio_threshold),
             logprob_threshold: Some(args.logprob_threshold),
             no_speech_threshold: Some(args.no_speech_threshold),
+            seed: args.seed,
         },
         initial_prompt: args.initial_prompt.clone(),
         condition_on_previous_text: !args.no_condition_on_previous_text,

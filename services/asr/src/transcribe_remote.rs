@@ -80,6 +80,7 @@ pub fn options(args: &TranscribeArgs) -> pb::TranscriptionOptions {
     let decoding = pb::DecodingOptions {
         beam_size: Some(args.beam),
         best_of: args.best_of as u32,
+        seed: args.seed,
         temperature: Some(temperature),
         // A single temperature means no fallback (as --local does).
         temperature_increment: fallback.is_empty().then_some(0.0),

@@ -275,6 +275,7 @@ fn decoding_options(
             compression_ratio_threshold,
             logprob_threshold,
             no_speech_threshold,
+            seed: decoding.seed,
         },
         ..DecodeOptions::default()
     })

@@ -47,6 +47,7 @@ impl GenerationEval<'_> {
             max_new_tokens: self.max_length.saturating_sub(prompt.len()).max(1),
             temperature: 0.0,
             timestamps: None,
+            row_seeds: &[],
         };
         let n_mels = model.config.num_mel_bins;
         let mut texts = Vec::with_capacity(examples.len());

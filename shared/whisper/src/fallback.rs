@@ -10,6 +10,7 @@ use tch::Tensor;
 
 use crate::beam::{beam_search, BeamOptions, Hypothesis};
 use crate::greedy::{decode_greedy, GreedyOptions, GreedyOutput};
+use crate::sampling::mix;
 use crate::timestamps::TimestampRules;
 use crate::transcriber::LoadedModel;
 
@@ -23,6 +24,10 @@ pub struct FallbackOptions {
     pub compression_ratio_threshold: Option<f64>,
     pub logprob_threshold: Option<f64>,
     pub no_speech_threshold: Option<f64>,
+    /// Seeds the sampling at temperatures above 0, together with each window's content: each
+    /// window draws from its own generator, so nothing decoded alongside (or on another
+    /// thread) moves its draws.
+    pub seed: u64,
 }
 
 impl Default for FallbackOptions {
@@ -34,6 +39,7 @@ impl Default for FallbackOptions {
             compression_ratio_threshold: Some(2.4),
             logprob_threshold: Some(-1.0),
             no_speech_threshold: Some(0.6),
+            seed: 0,
         }
     }
 }
@@ -47,6 +53,7 @@ impl FallbackOptions {
             compression_ratio_threshold: None,
             logprob_threshold: None,
             no_speech_threshold: None,
+            seed: 0,
         }
     }
 
@@ -107,6 +114,9 @@ pub struct DecodeSettings<'a> {
     pub beam: BeamOptions,
     pub timestamps: Option<&'a TimestampRules>,
     pub fallback: &'a FallbackOptions,
+    /// One per window decoded (see [`crate::sampling::window_seed`]); window `i` without one
+    /// uses the fallback seed mixed with `i`.
+    pub window_seeds: &'a [u64],
 }
 
 impl LoadedModel {
@@ -130,7 +140,18 @@ impl LoadedModel {
             let index = Tensor::from_slice(&pending.iter().map(|&i| i as i64).collect::<Vec<_>>())
                 .to_device(encoder_out.device());
             let encoded = encoder_out.index_select(0, &index);
-            let candidates = self.decode_at(&encoded, prompt, settings, temperature)?;
+            let seeds: Vec<u64> = pending
+                .iter()
+                .map(|&i| {
+                    let window = settings
+                        .window_seeds
+                        .get(i)
+                        .copied()
+                        .unwrap_or_else(|| mix(settings.fallback.seed, i as u64));
+                    mix(window, attempt as u64)
+                })
+                .collect();
+            let candidates = self.decode_at(&encoded, &seeds, prompt, settings, temperature)?;
             let mut still_pending = Vec::new();
             for (&i, decoded) in pending.iter().zip(candidates) {
                 if !last && settings.fallback.needs_fallback(&decoded) {
@@ -146,10 +167,11 @@ impl LoadedModel {
         Ok(results.into_iter().flatten().collect())
     }
 
-    /// One attempt at `temperature` for every row of `encoded`.
+    /// One attempt at `temperature` for every row of `encoded` (`seeds`: one per row).
     fn decode_at(
         &self,
         encoded: &Tensor,
+        seeds: &[u64],
         prompt: &[i64],
         settings: &DecodeSettings,
         temperature: f64,
@@ -183,11 +205,11 @@ impl LoadedModel {
             } else {
                 1
             };
-            let options = GreedyOptions {
-                max_new_tokens: settings.beam.max_new_tokens,
-                temperature,
-                timestamps: settings.timestamps,
-            };
+            // Sample `s` of window `w` draws from its own generator.
+            let row_seeds: Vec<u64> = seeds
+                .iter()
+                .flat_map(|&seed| (0..samples as u64).map(move |s| mix(seed, s)))
+                .collect();
             // Windows decoded together, so that best-of sampling of many windows keeps the
             // decoder batch (and its cross-attention cache) bounded.
             let windows_per_chunk = (MAX_DECODE_ROWS / samples).max(1) as i64;
@@ -198,6 +220,13 @@ impl LoadedModel {
                     chunk.repeat_interleave_self_int(samples as i64, 0, None)
                 } else {
                     chunk
+                };
+                let first_row = start as usize * samples;
+                let options = GreedyOptions {
+                    max_new_tokens: settings.beam.max_new_tokens,
+                    temperature,
+                    timestamps: settings.timestamps,
+                    row_seeds: row_seeds.get(first_row..).unwrap_or(&[]),
                 };
                 all.extend(decode_greedy(
                     &self.model,

@@ -7,6 +7,7 @@ use tch::{Kind, Tensor};
 
 use crate::generation::GenerationConfig;
 use crate::model::Whisper;
+use crate::sampling::{sample_tokens, Sampler};
 use crate::timestamps::TimestampRules;
 
 /// Windows encoded at a time (see [`crate::model::Encoder::forward_in_chunks`]).
@@ -87,6 +88,8 @@ pub struct GreedyOptions<'a> {
     /// 0: the most likely token; above 0: sampled from `softmax(logits / temperature)`.
     pub temperature: f64,
     pub timestamps: Option<&'a TimestampRules>,
+    /// The seed of each row's generator when sampling (row `i` without one uses `i`).
+    pub row_seeds: &'a [u64],
 }
 
 /// Decodes each window of `mel` (`[B, n_mels, 3000]`) greedily after `prompt`; returns the
@@ -103,6 +106,7 @@ pub fn greedy(
         max_new_tokens,
         temperature: 0.0,
         timestamps,
+        row_seeds: &[],
     };
     greedy_detailed(model, generation, mel, prompt, &options)
         .into_iter()
@@ -149,6 +153,9 @@ pub fn decode_greedy(
         let mut outputs: Vec<Vec<i64>> = vec![Vec::new(); batch];
         // Output index of each row still in the batch (and in the cache).
         let mut active: Vec<usize> = (0..batch).collect();
+        let mut samplers: Vec<Sampler> = (0..batch)
+            .map(|i| Sampler::new(options.row_seeds.get(i).copied().unwrap_or(i as u64)))
+            .collect();
         let room = generation.max_length.saturating_sub(prompt.len());
         for step in 0..options.max_new_tokens.min(room) {
             let mut step_logits = logits.to_kind(Kind::Float);
@@ -158,10 +165,9 @@ pub fn decode_greedy(
                 rules.apply(&mut step_logits, &generated);
             }
             let next = if options.temperature > 0.0 {
-                (&step_logits / options.temperature)
-                    .softmax(-1, Kind::Float)
-                    .multinomial(1, false)
-                    .squeeze_dim(1)
+                let picked =
+                    sample_tokens(&step_logits, options.temperature, &mut samplers, &active);
+                Tensor::from_slice(&picked).to_device(device)
             } else {
                 step_logits.argmax(-1, false)
             };

@@ -15,6 +15,7 @@
 //! - [`generation`]: generation_config.json (prompt tokens, suppression);
 //! - [`greedy`], [`beam`]: greedy decoding (and sampling) and openai-style beam search;
 //! - [`fallback`]: temperature fallback, compression ratio and the no-speech rule;
+//!   [`sampling`]: the seeded per-row generators it samples with;
 //! - [`timestamps`]: timestamp rules and segments; [`longform`]: seek-based long-form;
 //! - [`tokenizer`]: tokenizer.json; [`metrics`]: character error rate;
 //! - [`transcriber`]: a loaded model directory and short-form transcription of windows;
@@ -40,6 +41,7 @@ pub mod lora_combine;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod sampling;
 pub mod timestamps;
 pub mod tokenizer;
 pub mod train_data;

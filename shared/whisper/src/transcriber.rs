@@ -12,6 +12,7 @@ use crate::generation::{GenerationConfig, Task};
 use crate::greedy::ENCODER_CHUNK;
 use crate::linear::DEFAULT_OUTLIER_THRESHOLD;
 use crate::model::Whisper;
+use crate::sampling::{mix, window_seed};
 use crate::timestamps::{segments_from_tokens, TimestampRules};
 use crate::tokenizer::WhisperTokenizer;
 use crate::weights::{OutputProjection, Weights};
@@ -269,7 +270,11 @@ impl LoadedModel {
         options: &DecodeOptions,
         previous: &[i64],
     ) -> anyhow::Result<Vec<WindowTranscript>> {
-        self.transcribe_encoded(&self.encode_windows(windows), options, previous)
+        let seeds: Vec<u64> = windows
+            .iter()
+            .map(|w| window_seed(options.fallback.seed, w))
+            .collect();
+        self.transcribe_encoded_seeded(&self.encode_windows(windows), &seeds, options, previous)
     }
 
     /// The encoder's output for `windows`, `[N, frames / 2, d_model]`: what
@@ -279,10 +284,22 @@ impl LoadedModel {
         tch::no_grad(|| self.model.encoder.forward_in_chunks(&mel, ENCODER_CHUNK))
     }
 
-    /// [`Self::transcribe_windows_after`] from the windows' encoder output.
+    /// [`Self::transcribe_windows_after`] from the windows' encoder output. Sampling (at
+    /// temperatures above 0) is seeded by the fallback seed and each window's position.
     pub fn transcribe_encoded(
         &self,
         encoder_out: &Tensor,
+        options: &DecodeOptions,
+        previous: &[i64],
+    ) -> anyhow::Result<Vec<WindowTranscript>> {
+        self.transcribe_encoded_seeded(encoder_out, &[], options, previous)
+    }
+
+    /// [`Self::transcribe_encoded`] with one sampling seed per window.
+    pub fn transcribe_encoded_seeded(
+        &self,
+        encoder_out: &Tensor,
+        window_seeds: &[u64],
         options: &DecodeOptions,
         previous: &[i64],
     ) -> anyhow::Result<Vec<WindowTranscript>> {
@@ -307,6 +324,7 @@ impl LoadedModel {
             },
             timestamps: options.timestamps.then_some(&rules),
             fallback: &options.fallback,
+            window_seeds: &[],
         };
         // Windows with the same language decode as one batch.
         let mut results: Vec<Option<WindowTranscript>> = vec![None; count];
@@ -324,10 +342,22 @@ impl LoadedModel {
             )?;
             let index = Tensor::from_slice(&group.iter().map(|&i| i as i64).collect::<Vec<_>>())
                 .to_device(encoder_out.device());
+            let group_seeds: Vec<u64> = group
+                .iter()
+                .map(|&i| {
+                    window_seeds
+                        .get(i)
+                        .copied()
+                        .unwrap_or_else(|| mix(options.fallback.seed, i as u64))
+                })
+                .collect();
             let decoded = self.decode_with_fallback(
                 &encoder_out.index_select(0, &index),
                 &prompt,
-                &settings,
+                &DecodeSettings {
+                    window_seeds: &group_seeds,
+                    ..settings
+                },
             )?;
             for (&i, decoded) in group.iter().zip(decoded) {
                 let silent = options.fallback.is_silence(&decoded);
