@@ -5,6 +5,7 @@
 //! - a clip whose client cancels part-way;
 //! - audio that is no audio (INVALID_ARGUMENT expected);
 //! - an unknown language (INVALID_ARGUMENT expected).
+//!
 //! More clients than the feature service takes streams, so some are refused; those refusals
 //! must come at once. The report gives requests by outcome and gRPC code, latency
 //! percentiles, how fast refusals came, each service's peak RSS, and whether RSS stayed flat

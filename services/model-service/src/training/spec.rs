@@ -336,7 +336,7 @@ impl JobSpec {
             validate_name(&h.language, &field("language"))?;
         }
         let mix = match (&request.mix_dataset, h.mix_fraction) {
-            (None, f) if f == 0.0 => None,
+            (None, 0.0) => None,
             (Some(data), f) if f.is_finite() && f > 0.0 && f < 1.0 => {
                 Some((data_ref("mix_dataset", data)?, decimal(f)))
             }
