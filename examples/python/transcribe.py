@@ -51,6 +51,8 @@ def parse_args():
                    help="decode each window once at temperature 0 and keep it: no temperature "
                         "fallback and no compression / log-prob / no-speech tests "
                         "(deterministic; the fallback samples)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the fallback's sampling (with each window's audio; default 0)")
     p.add_argument("--adapter", default="", help="LoRA adapter of the model service's registry")
     p.add_argument("--adapter-scale", type=float, help="0.0..1.0 (default 1.0)")
     p.add_argument("--partial", action="store_true",
@@ -69,7 +71,7 @@ def parse_args():
 
 
 def options(args):
-    decoding = transcription_pb2.DecodingOptions(beam_size=args.beam)
+    decoding = transcription_pb2.DecodingOptions(beam_size=args.beam, seed=args.seed)
     if args.no_fallback:
         # `optional` fields: set to the value that turns each behaviour off (see the comments
         # in transcription.proto); unset would mean the openai-whisper defaults.
