@@ -99,10 +99,21 @@ at::Tensor gather_rows(const PackedWeight& w, const at::Tensor& rows) {
   const int64_t* ids = idx.data_ptr<int64_t>();
   const int8_t* buf = w.packed->getBuf();
   int8_t* dst = out.data_ptr<int8_t>();
+  // Within a block of columns, a row's entries sit at a fixed stride (fbgemm interleaves
+  // a few rows per column): one `addr` call per block and its stride, instead of one
+  // out-of-line call per entry (100x slower: 0.38 ms for 24 rows of 2048).
+  const int64_t block = std::max<int32_t>(1, w.packed->blockColSize());
   for (int64_t r = 0; r < count; ++r) {
     TORCH_CHECK(ids[r] >= 0 && ids[r] < w.k, "asr_fbgemm_rows: row out of range");
     const int32_t i = static_cast<int32_t>(ids[r]);
-    for (int64_t j = 0; j < w.n; ++j) dst[r * w.n + j] = buf[w.packed->addr(i, static_cast<int32_t>(j))];
+    int8_t* out_row = dst + r * w.n;
+    for (int64_t start = 0; start < w.n; start += block) {
+      const int64_t end = std::min(w.n, start + block);
+      const int64_t base = w.packed->addr(i, static_cast<int32_t>(start));
+      const int64_t stride =
+          end - start > 1 ? w.packed->addr(i, static_cast<int32_t>(start + 1)) - base : 1;
+      for (int64_t j = start; j < end; ++j) out_row[j] = buf[base + (j - start) * stride];
+    }
   }
   return out;
 }

@@ -259,6 +259,12 @@ mod tests {
             let rows = Tensor::from_slice(&[0i64, k - 1, k / 2]);
             let gathered = packed.rows(&rows).expect("rows");
             assert!(gathered.equal(&w.index_select(0, &rows)), "rows {k}x{n}");
+            // Every row, across column blocks and interleaved row positions.
+            let all = Tensor::arange(k, (Kind::Int64, Device::Cpu));
+            assert!(
+                packed.rows(&all).expect("all rows").equal(&w),
+                "all rows {k}x{n}"
+            );
             assert!(
                 acc.to_kind(Kind::Int64).equal(&exact(&xq, &zp, &w)),
                 "{m}x{k}x{n}"
