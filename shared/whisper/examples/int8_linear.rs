@@ -38,7 +38,7 @@ fn main() {
             let i = best_of(5, || int8.forward(&x));
             let i0 = best_of(5, || no_outliers.forward(&x));
             // 24 outlier columns, as q/k/v of the later encoder layers.
-            let mut xo = x.copy();
+            let xo = x.copy();
             let _ = xo.narrow(1, 0, 24).fill_(8.0);
             let io = best_of(5, || int8.forward(&xo));
             println!(
