@@ -37,6 +37,7 @@ const USAGE = `usage: node transcribe.js FILE|- [options]
   --beam N               beam width; 1 = greedy (default)
   --timestamps           timestamped segments
   --no-fallback          decode each window once at temperature 0 and keep it (deterministic)
+  --seed N               seed of the fallback's sampling, with each window's audio (default 0)
   --adapter NAME         LoRA adapter of the model service's registry
   --adapter-scale X      0.0..1.0 (default 1.0)
   --partial              ask for partial results (shown on stderr)
@@ -55,6 +56,7 @@ function parse() {
       beam: { type: 'string', default: '1' },
       timestamps: { type: 'boolean', default: false },
       'no-fallback': { type: 'boolean', default: false },
+      seed: { type: 'string', default: '0' },
       adapter: { type: 'string', default: '' },
       'adapter-scale': { type: 'string' },
       partial: { type: 'boolean', default: false },
@@ -76,6 +78,9 @@ function parse() {
   }
   if (values.raw !== undefined && !(values.raw in BYTES_PER_SAMPLE)) {
     throw new Error(`--raw must be s16le or f32le, not ${values.raw}`);
+  }
+  if (!/^[0-9]{1,20}$/.test(values.seed) || BigInt(values.seed) >= 2n ** 64n) {
+    throw new Error(`--seed: not an unsigned 64-bit integer: ${values.seed}`);
   }
   return { ...values, file: positionals[0] };
 }
@@ -110,6 +115,8 @@ function options(args) {
   if (!Number.isInteger(decoding.beam_size) || decoding.beam_size < 0) {
     throw new Error(`--beam: not a width: ${args.beam}`);
   }
+  // uint64 (checked in parse): a decimal string, which the proto loader takes for 64-bit fields.
+  decoding.seed = args.seed;
   if (args['no-fallback']) {
     // `optional` fields set to the value that turns each behaviour off (see the comments in
     // transcription.proto); left out they mean the openai-whisper defaults.
