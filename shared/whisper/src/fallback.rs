@@ -114,20 +114,25 @@ pub struct DecodeSettings<'a> {
     pub beam: BeamOptions,
     pub timestamps: Option<&'a TimestampRules>,
     pub fallback: &'a FallbackOptions,
-    /// One per window decoded (see [`crate::sampling::window_seed`]); window `i` without one
-    /// uses the fallback seed mixed with `i`.
-    pub window_seeds: &'a [u64],
 }
 
 impl LoadedModel {
-    /// Decodes encoded windows (`[B, 1500, D]`) after `prompt` with temperature fallback.
+    /// Decodes encoded windows (`[B, 1500, D]`) after `prompt` with temperature fallback;
+    /// window `i` samples with generators derived from `window_seeds[i]` (see
+    /// [`crate::sampling::window_seed`]).
     pub fn decode_with_fallback(
         &self,
         encoder_out: &Tensor,
+        window_seeds: &[u64],
         prompt: &[i64],
         settings: &DecodeSettings,
     ) -> anyhow::Result<Vec<Decoded>> {
         let batch = encoder_out.size()[0] as usize;
+        anyhow::ensure!(
+            window_seeds.len() == batch,
+            "{} sampling seeds for {batch} windows",
+            window_seeds.len()
+        );
         let mut results: Vec<Option<Decoded>> = vec![None; batch];
         let mut pending: Vec<usize> = (0..batch).collect();
         let temperatures = if settings.fallback.temperatures.is_empty() {
@@ -142,14 +147,7 @@ impl LoadedModel {
             let encoded = encoder_out.index_select(0, &index);
             let seeds: Vec<u64> = pending
                 .iter()
-                .map(|&i| {
-                    let window = settings
-                        .window_seeds
-                        .get(i)
-                        .copied()
-                        .unwrap_or_else(|| mix(settings.fallback.seed, i as u64));
-                    mix(window, attempt as u64)
-                })
+                .map(|&i| mix(window_seeds[i], attempt as u64))
                 .collect();
             let candidates = self.decode_at(&encoded, &seeds, prompt, settings, temperature)?;
             let mut still_pending = Vec::new();

@@ -292,10 +292,12 @@ impl LoadedModel {
         options: &DecodeOptions,
         previous: &[i64],
     ) -> anyhow::Result<Vec<WindowTranscript>> {
-        self.transcribe_encoded_seeded(encoder_out, &[], options, previous)
+        let count = encoder_out.size()[0] as u64;
+        let seeds: Vec<u64> = (0..count).map(|i| mix(options.fallback.seed, i)).collect();
+        self.transcribe_encoded_seeded(encoder_out, &seeds, options, previous)
     }
 
-    /// [`Self::transcribe_encoded`] with one sampling seed per window.
+    /// [`Self::transcribe_encoded`] with one sampling seed per window (an error otherwise).
     pub fn transcribe_encoded_seeded(
         &self,
         encoder_out: &Tensor,
@@ -304,6 +306,11 @@ impl LoadedModel {
         previous: &[i64],
     ) -> anyhow::Result<Vec<WindowTranscript>> {
         let count = encoder_out.size()[0] as usize;
+        anyhow::ensure!(
+            window_seeds.len() == count,
+            "{} sampling seeds for {count} windows",
+            window_seeds.len()
+        );
         let languages: Vec<Option<String>> = match &options.language {
             Some(code) => vec![Some(code.clone()); count],
             None if self.generation.is_multilingual => self
@@ -324,7 +331,6 @@ impl LoadedModel {
             },
             timestamps: options.timestamps.then_some(&rules),
             fallback: &options.fallback,
-            window_seeds: &[],
         };
         // Windows with the same language decode as one batch.
         let mut results: Vec<Option<WindowTranscript>> = vec![None; count];
@@ -342,22 +348,12 @@ impl LoadedModel {
             )?;
             let index = Tensor::from_slice(&group.iter().map(|&i| i as i64).collect::<Vec<_>>())
                 .to_device(encoder_out.device());
-            let group_seeds: Vec<u64> = group
-                .iter()
-                .map(|&i| {
-                    window_seeds
-                        .get(i)
-                        .copied()
-                        .unwrap_or_else(|| mix(options.fallback.seed, i as u64))
-                })
-                .collect();
+            let group_seeds: Vec<u64> = group.iter().map(|&i| window_seeds[i]).collect();
             let decoded = self.decode_with_fallback(
                 &encoder_out.index_select(0, &index),
+                &group_seeds,
                 &prompt,
-                &DecodeSettings {
-                    window_seeds: &group_seeds,
-                    ..settings
-                },
+                &settings,
             )?;
             for (&i, decoded) in group.iter().zip(decoded) {
                 let silent = options.fallback.is_silence(&decoded);
