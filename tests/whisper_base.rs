@@ -13,7 +13,10 @@ use e2e_support::whisper_base::{
 use e2e_support::{assets, our_windows, run_reference};
 use tch::Tensor;
 
-const CLIPS: usize = 100;
+/// The test clips these checks decode. 64 rather than the 150 of the split keeps the binary
+/// within CI's time (every window costs six encoder passes here: ours in fp32 and int8, each
+/// with and without the adapter, HF's and CTranslate2's).
+const CLIPS: usize = 64;
 const BATCH: usize = 8;
 /// int8's share of fp32's next-token choices under teacher forcing (measured 94.77% on an
 /// AVX2 machine; a wrong scale or a dropped outlier column falls far below).
@@ -256,8 +259,9 @@ struct Ct2Case {
     min_identical_percent: usize,
 }
 
+/// Beam 5 costs five greedy decodes, here and in CTranslate2: a prefix of the clips.
 static BEAM5: Ct2Case = Ct2Case {
-    clips: CLIPS,
+    clips: 48,
     beam: 5,
     timestamps: false,
     initial_prompt: None,
@@ -265,7 +269,7 @@ static BEAM5: Ct2Case = Ct2Case {
 };
 /// Timestamp rules inside beam search, as CTranslate2 applies them.
 static BEAM5_TIMESTAMPS: Ct2Case = Ct2Case {
-    clips: 24,
+    clips: 16,
     beam: 5,
     timestamps: true,
     initial_prompt: None,
@@ -274,7 +278,7 @@ static BEAM5_TIMESTAMPS: Ct2Case = Ct2Case {
 /// An initial prompt (`<|startofprev|>` and its tokens before the start of transcript), as
 /// faster-whisper passes it to CTranslate2.
 static INITIAL_PROMPT: Ct2Case = Ct2Case {
-    clips: 40,
+    clips: 32,
     beam: 1,
     timestamps: false,
     initial_prompt: Some("以下是普通话的句子。"),
