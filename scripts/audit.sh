@@ -35,5 +35,8 @@ fi
 
 echo "[audit] advisory database snapshot: $(cat "$DB/SNAPSHOT")"
 for lock in Cargo.lock fuzz/Cargo.lock; do
+    # The yanked check reads cargo's local index cache: fetch the lock's crates into it first
+    # (without this, crates only the fuzz lock names were reported as "not found").
+    cargo fetch -q --locked --manifest-path "${lock%Cargo.lock}Cargo.toml"
     "$AUDIT" audit --no-fetch --db "$DB" --file "$lock"
 done
