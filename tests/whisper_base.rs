@@ -18,8 +18,8 @@ use tch::Tensor;
 /// with and without the adapter, HF's and CTranslate2's).
 const CLIPS: usize = 64;
 const BATCH: usize = 8;
-/// int8's share of fp32's next-token choices under teacher forcing (measured 94.77% on an
-/// AVX2 machine; a wrong scale or a dropped outlier column falls far below).
+/// int8's share of fp32's next-token choices under teacher forcing (measured 95.85% on the 64
+/// clips on an AVX2 machine; a wrong scale or a dropped outlier column falls far below).
 const AGREEMENT: f64 = 0.9;
 
 /// As HF generate runs by default: temperature 0, no fallback.
