@@ -17,6 +17,12 @@ fn main() -> anyhow::Result<()> {
         &dir,
         LoadOptions {
             precision,
+            output_projection: match std::env::var("ASR_PROFILE_PROJECTION").as_deref() {
+                Ok("int8") => Some(asr_whisper::OutputProjection::Int8),
+                Ok("bf16") => Some(asr_whisper::OutputProjection::BFloat16),
+                Ok("tied") => Some(asr_whisper::OutputProjection::Tied),
+                _ => None,
+            },
             ..Default::default()
         },
     )?;

@@ -10,6 +10,8 @@ use crate::int8_gemm::{cpu_int8_gemm, int8_mm, CpuInt8Gemm, PackedInt8Weight};
 use crate::lora::{Adapter, LinearSite, LoraLayer};
 use crate::weights::Weights;
 
+mod residual;
+
 /// LLM.int8's default outlier threshold.
 pub const DEFAULT_OUTLIER_THRESHOLD: f64 = 6.0;
 
@@ -36,6 +38,9 @@ pub struct Int8Weight {
     /// bitsandbytes' symmetric 8-bit activations on every CPU, not fbgemm's 7-bit ones (see
     /// [`Linear::set_symmetric_int8`]).
     symmetric_activations: bool,
+    /// Activations in two quantised passes, the value then its rounding residual, and no
+    /// outlier columns (see the `residual` module): for inputs with outliers in most columns.
+    residual_activations: bool,
 }
 
 /// Where an int8 weight's values live: one copy, in the layout of the GEMM that uses them.
@@ -104,6 +109,7 @@ impl Int8Weight {
             compute: Int8Compute::default(),
             per_sample_outliers: false,
             symmetric_activations: false,
+            residual_activations: false,
         }
     }
 
@@ -167,6 +173,11 @@ impl Int8Weight {
     /// outlier columns (1: one set over all rows, LLM.int8's rule).
     fn matmul_t_grouped(&self, x: &Tensor, groups: i64) -> Tensor {
         let x = x.to_kind(Kind::Float);
+        if self.residual_activations {
+            if let Some(y) = self.residual_product(&x.contiguous()) {
+                return y;
+            }
+        }
         if x.device() == Device::Cpu {
             if let Some(y) = self.fused_cpu_product(&x.contiguous(), groups) {
                 return y;
@@ -302,25 +313,8 @@ impl Int8Weight {
     /// activations fused in C++ (csrc/int8_quant.cpp): outlier columns and row quantisation in
     /// two passes, the int32 -> float rescaling in one.
     fn fused_product(&self, x: &Tensor, groups: i64) -> Option<Tensor> {
-        let mut out: [*mut torch_sys::C_tensor; 4] = [std::ptr::null_mut(); 4];
-        // SAFETY: `x` is a live tensor for the call; on success the C++ side stores four new
-        // heap tensors in `out`, each then owned by one `Tensor`.
-        let [xq, row_scale, columns, own] = unsafe {
-            let [a, b, c, d] = &mut out;
-            if asr_int8_quantize(
-                x.as_ptr() as *mut _,
-                self.outlier_threshold,
-                groups,
-                a,
-                b,
-                c,
-                d,
-            ) != 0
-            {
-                return None;
-            }
-            out.map(|t| Tensor::from_ptr(t))
-        };
+        let [xq, row_scale, columns, own] =
+            quantize_symmetric_cpu(x, self.outlier_threshold, groups)?;
         let acc = int8_mm(&xq, &self.q_t());
         let y = rescale(&acc, &row_scale, &self.scale)?;
         Some(self.add_outlier_columns(y, &columns, &own))
@@ -330,26 +324,8 @@ impl Int8Weight {
     /// outlier columns in float, the regular part quantised per row to 0..127 with a zero
     /// point, `(q - zero_point) * row_scale` standing for the activations.
     fn fbgemm_product(&self, packed: &PackedInt8Weight, x: &Tensor, groups: i64) -> Option<Tensor> {
-        let mut out: [*mut torch_sys::C_tensor; 5] = [std::ptr::null_mut(); 5];
-        // SAFETY: `x` is a live tensor for the call; on success the C++ side stores five new
-        // heap tensors in `out`, each then owned by one `Tensor`.
-        let [xq, zero_point, row_scale, columns, own] = unsafe {
-            let [a, b, c, d, e] = &mut out;
-            if asr_int8_quantize_u7(
-                x.as_ptr() as *mut _,
-                self.outlier_threshold,
-                groups,
-                a,
-                b,
-                c,
-                d,
-                e,
-            ) != 0
-            {
-                return None;
-            }
-            out.map(|t| Tensor::from_ptr(t))
-        };
+        let [xq, zero_point, row_scale, columns, own] =
+            quantize_u7_cpu(x, self.outlier_threshold, groups)?;
         let acc = packed.mm(&xq, &zero_point)?;
         let y = rescale(&acc, &row_scale, &self.scale)?;
         Some(self.add_outlier_columns(y, &columns, &own))
@@ -377,6 +353,36 @@ fn rescale(acc: &Tensor, row_scale: &Tensor, col_scale: &Tensor) -> Option<Tenso
             col_scale.as_ptr() as *mut _,
         );
         (!y.is_null()).then(|| Tensor::from_ptr(y))
+    }
+}
+
+/// csrc/int8_quant.cpp's symmetric quantisation of `x` (f32 `[M, K]`, contiguous, CPU):
+/// int8 levels `[M, K]`, row scales `[M, 1]`, outlier columns `[C]` and the rows' own outlier
+/// values `[M, C]`; `None` (the error on stderr) if libtorch refused.
+fn quantize_symmetric_cpu(x: &Tensor, threshold: f64, groups: i64) -> Option<[Tensor; 4]> {
+    let mut out: [*mut torch_sys::C_tensor; 4] = [std::ptr::null_mut(); 4];
+    let [a, b, c, d] = &mut out;
+    // SAFETY: `x` is a live tensor for the call; on success the C++ side stores four new heap
+    // tensors in `out`, each then owned by one `Tensor`.
+    unsafe {
+        if asr_int8_quantize(x.as_ptr() as *mut _, threshold, groups, a, b, c, d) != 0 {
+            return None;
+        }
+        Some(out.map(|t| Tensor::from_ptr(t)))
+    }
+}
+
+/// [`quantize_symmetric_cpu`] with 7-bit levels (u8 in 0..127) and a zero point per row
+/// (int32 `[M]`, second), for fbgemm.
+fn quantize_u7_cpu(x: &Tensor, threshold: f64, groups: i64) -> Option<[Tensor; 5]> {
+    let mut out: [*mut torch_sys::C_tensor; 5] = [std::ptr::null_mut(); 5];
+    let [a, b, c, d, e] = &mut out;
+    // SAFETY: as in `quantize_symmetric_cpu`, with five output tensors.
+    unsafe {
+        if asr_int8_quantize_u7(x.as_ptr() as *mut _, threshold, groups, a, b, c, d, e) != 0 {
+            return None;
+        }
+        Some(out.map(|t| Tensor::from_ptr(t)))
     }
 }
 
@@ -604,6 +610,15 @@ impl Linear {
             LinearWeight::Int8(Int8Weight::quantize(weight, outlier_threshold)),
             &weight.size(),
         )
+    }
+
+    /// An int8 layer without bias for an existing float weight `[out, in]`, multiplied with
+    /// residual activations and no outlier columns (see the `residual` module): the logits
+    /// projection, whose input has outliers in most columns.
+    pub fn int8_residual_from(weight: &Tensor) -> Self {
+        let mut int8 = Int8Weight::quantize(weight, 0.0);
+        int8.residual_activations = true;
+        Self::unnamed(LinearWeight::Int8(int8), &weight.size())
     }
 
     /// A float layer without bias for an existing weight `[out, in]`; inputs are cast to the

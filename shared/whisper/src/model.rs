@@ -434,12 +434,7 @@ impl Decoder {
             OutputProjection::BFloat16 => {
                 Some(Linear::float_from(&embed_tokens.to_kind(Kind::BFloat16)))
             }
-            OutputProjection::Int8 => Some(Linear::int8_from(
-                &embed_tokens,
-                weights
-                    .int8_threshold()
-                    .unwrap_or(crate::linear::DEFAULT_OUTLIER_THRESHOLD),
-            )),
+            OutputProjection::Int8 => Some(Linear::int8_residual_from(&embed_tokens)),
         };
         Ok(Self {
             embed_tokens,
