@@ -37,13 +37,21 @@ fn main() {
             let f = best_of(5, || float.forward(&x));
             let i = best_of(5, || int8.forward(&x));
             let i0 = best_of(5, || no_outliers.forward(&x));
-            // 24 outlier columns, as q/k/v of the later encoder layers.
-            let xo = x.copy();
-            let _ = xo.narrow(1, 0, 24).fill_(8.0);
-            let io = best_of(5, || int8.forward(&xo));
+            let with_outliers = |count: i64| {
+                let xo = x.copy();
+                let _ = xo.narrow(1, 0, count.min(k)).fill_(8.0);
+                best_of(5, || int8.forward(&xo))
+            };
+            // 24 outlier columns, as q/k/v of the later encoder layers; a quarter and
+            // nearly all, as fc2 and fc1 of whisper-base's encoder layers 4 and 5 on speech.
+            let (o24, quarter, most) = (
+                with_outliers(24),
+                with_outliers(k / 4),
+                with_outliers(k - 5),
+            );
             println!(
-                "{m}x{k}x{n}: f32 {f:.2} ms, int8 {i:.2} ms (x{:.2}), threshold 0 {i0:.2} ms, 24 outlier columns {io:.2} ms",
-                f / i
+                "{m}x{k}x{n}: f32 {f:.2} ms, int8 {i:.2} ms (x{:.2}), threshold 0 {i0:.2} ms, outlier columns: 24 {o24:.2} ms, {} {quarter:.2} ms, {} {most:.2} ms",
+                f / i, k / 4, k - 5
             );
         });
     }

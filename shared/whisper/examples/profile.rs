@@ -34,7 +34,11 @@ fn main() -> anyhow::Result<()> {
     println!("after load: {}", rss());
     tch::no_grad(|| {
         for batch in [1i64, 2] {
-            let mel = Tensor::randn([batch, 80, 3000], (Kind::Float, tch::Device::Cpu));
+            // ASR_PROFILE_MEL=FILE.npy: real windows `[2, 80, 3000]` (random ones otherwise).
+            let mel = match std::env::var("ASR_PROFILE_MEL") {
+                Ok(path) => Tensor::read_npy(path).expect("mel npy").narrow(0, 0, batch),
+                Err(_) => Tensor::randn([batch, 80, 3000], (Kind::Float, tch::Device::Cpu)),
+            };
             let _ = model.encoder.forward(&mel);
             // The fastest of three runs: other processes on a small machine add noise.
             let mut best = f64::INFINITY;

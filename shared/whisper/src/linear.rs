@@ -10,6 +10,7 @@ use crate::int8_gemm::{cpu_int8_gemm, int8_mm, CpuInt8Gemm, PackedInt8Weight};
 use crate::lora::{Adapter, LinearSite, LoraLayer};
 use crate::weights::Weights;
 
+mod dense;
 mod residual;
 
 /// LLM.int8's default outlier threshold.
@@ -178,12 +179,23 @@ impl Int8Weight {
                 return y;
             }
         }
+        if groups > 1 && self.outlier_threshold > 0.0 {
+            if let Some(y) = self.dense_samples_apart(&x, groups) {
+                return y;
+            }
+        }
+        self.int8_or_dense_product(&x, groups)
+    }
+
+    /// [`Self::matmul_t_grouped`] once dense samples are set apart: the int8 product, or
+    /// with `groups == 1` the float one when outliers fill most columns.
+    fn int8_or_dense_product(&self, x: &Tensor, groups: i64) -> Tensor {
         if x.device() == Device::Cpu {
             if let Some(y) = self.fused_cpu_product(&x.contiguous(), groups) {
                 return y;
             }
         }
-        self.aten_product(&x, groups)
+        self.aten_product(x, groups)
     }
 
     /// [`Self::matmul_t_grouped`] with ATen ops alone: on CUDA, and the reference the fused
@@ -194,6 +206,9 @@ impl Int8Weight {
         } else {
             self.split_shared(x)
         };
+        if groups == 1 && self.outliers_fill(split.outlier_count(), x) {
+            return self.dense_product(x);
+        }
         self.int8_product(split)
     }
 
@@ -315,6 +330,9 @@ impl Int8Weight {
     fn fused_product(&self, x: &Tensor, groups: i64) -> Option<Tensor> {
         let [xq, row_scale, columns, own] =
             quantize_symmetric_cpu(x, self.outlier_threshold, groups)?;
+        if groups == 1 && self.outliers_fill(columns.size()[0], x) {
+            return Some(self.dense_product(x));
+        }
         let acc = int8_mm(&xq, &self.q_t());
         let y = rescale(&acc, &row_scale, &self.scale)?;
         Some(self.add_outlier_columns(y, &columns, &own))
@@ -326,6 +344,9 @@ impl Int8Weight {
     fn fbgemm_product(&self, packed: &PackedInt8Weight, x: &Tensor, groups: i64) -> Option<Tensor> {
         let [xq, zero_point, row_scale, columns, own] =
             quantize_u7_cpu(x, self.outlier_threshold, groups)?;
+        if groups == 1 && self.outliers_fill(columns.size()[0], x) {
+            return Some(self.dense_product(x));
+        }
         let acc = packed.mm(&xq, &zero_point)?;
         let y = rescale(&acc, &row_scale, &self.scale)?;
         Some(self.add_outlier_columns(y, &columns, &own))
@@ -392,6 +413,14 @@ struct OutlierSplit {
     regular: Tensor,
     magnitude: Tensor,
     outliers: Option<(Tensor, Tensor)>,
+}
+
+impl OutlierSplit {
+    fn outlier_count(&self) -> i64 {
+        self.outliers
+            .as_ref()
+            .map_or(0, |(columns, _)| columns.size()[0])
+    }
 }
 
 extern "C" {
@@ -851,16 +880,22 @@ mod tests {
         let _ = x.get(4).fill_(0.0);
         x.get(9)
             .copy_(&(Tensor::arange(80, (Kind::Float, Device::Cpu)) * 0.5 - 20.0));
-        for threshold in [6.0, 0.0, 100.0] {
-            let q = Int8Weight::quantize(&w, threshold);
-            for groups in [1, 2, 3, 12] {
-                let fused = q.fused_product(&x, groups).expect("the fused kernels ran");
-                let aten = q.aten_product(&x, groups);
-                assert!(
-                    fused.equal(&aten),
-                    "threshold {threshold}, groups {groups}: fused differs from ATen by {}",
-                    (&fused - &aten).abs().max().double_value(&[])
-                );
+        // The ramp puts most columns over 6.0 (the float product, `dense`, at groups 1); a
+        // quarter of it keeps the int8 product with two outlier columns.
+        let sparse = x.copy();
+        let _ = sparse.get(9).g_mul_scalar_(0.25);
+        for (input, x) in [("ramp", &x), ("quarter ramp", &sparse)] {
+            for threshold in [6.0, 0.0, 100.0] {
+                let q = Int8Weight::quantize(&w, threshold);
+                for groups in [1, 2, 3, 12] {
+                    let fused = q.fused_product(x, groups).expect("the fused kernels ran");
+                    let aten = q.aten_product(x, groups);
+                    assert!(
+                        fused.equal(&aten),
+                        "{input}, threshold {threshold}, groups {groups}: fused differs from ATen by {}",
+                        (&fused - &aten).abs().max().double_value(&[])
+                    );
+                }
             }
         }
         // Rows not divisible into the groups: refused, for the caller's ATen path.
@@ -897,6 +932,9 @@ mod tests {
         } else {
             q.split_shared(x)
         };
+        if groups == 1 && q.outliers_fill(split.outlier_count(), x) {
+            return q.dense_product(x);
+        }
         let regular = &split.regular;
         let lo = regular.amin([1], true).clamp_max(0.0);
         let hi = regular.amax([1], true).clamp_min(0.0);
@@ -932,13 +970,19 @@ mod tests {
         x.get(3).copy_(&(-x.get(3).abs()));
         x.get(9)
             .copy_(&(Tensor::arange(80, (Kind::Float, Device::Cpu)) * 0.5 - 20.0));
-        let exact = x.matmul(&w.tr());
-        for threshold in [6.0, 0.0, 100.0] {
+        // As in the test above: the full ramp makes groups 1 dense, a quarter of it does not.
+        let sparse = x.copy();
+        let _ = sparse.get(9).g_mul_scalar_(0.25);
+        for (threshold, x) in [6.0, 0.0, 100.0]
+            .into_iter()
+            .flat_map(|t| [(t, &x), (t, &sparse)])
+        {
+            let exact = x.matmul(&w.tr());
             let q = Int8Weight::quantize(&w, threshold);
             let packed = q.packed_weight().expect("packed where fbgemm runs");
             for groups in [1, 2, 3, 12] {
-                let fused = q.fbgemm_product(packed, &x, groups).expect("fbgemm ran");
-                let aten = aten_u7_product(&q, &x, groups);
+                let fused = q.fbgemm_product(packed, x, groups).expect("fbgemm ran");
+                let aten = aten_u7_product(&q, x, groups);
                 let diff = (&fused - &aten).abs().max().double_value(&[]);
                 // Same levels and integers; the rescale may differ in the last bit from the
                 // ATen product's rounding, nothing more.
