@@ -2,7 +2,9 @@
 //! `load_in_8bit` does, as int8 with one scale per output channel (about 1 byte per
 //! parameter), multiplied with an int8 GEMM (`torch._int_mm`) after dynamic per-row
 //! quantisation of the activations; activation columns holding an outlier (|x| above the
-//! threshold, 6.0 as in LLM.int8) are multiplied in float instead.
+//! threshold, 6.0 as in LLM.int8) are multiplied in float instead. Two departures, each in its
+//! own module: past a share of outlier columns the whole layer multiplies in float (`dense`),
+//! and the logits projection quantises its activations in two passes (`residual`).
 
 use tch::{Device, Kind, Tensor};
 
@@ -188,7 +190,8 @@ impl Int8Weight {
     }
 
     /// [`Self::matmul_t_grouped`] once dense samples are set apart: the int8 product, or
-    /// with `groups == 1` the float one when outliers fill most columns.
+    /// with `groups == 1` the float one when outliers fill over [`dense::DENSE_SHARE`] of the
+    /// columns.
     fn int8_or_dense_product(&self, x: &Tensor, groups: i64) -> Tensor {
         if x.device() == Device::Cpu {
             if let Some(y) = self.fused_cpu_product(&x.contiguous(), groups) {
