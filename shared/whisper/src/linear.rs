@@ -165,6 +165,16 @@ impl Int8Weight {
         }
     }
 
+    /// The packed values when fbgemm's 7-bit product is this layer's CPU GEMM (not under
+    /// training's symmetric activations).
+    fn fbgemm_weight(&self) -> Option<&PackedInt8Weight> {
+        if cpu_int8_gemm() == CpuInt8Gemm::Fbgemm && !self.symmetric_activations {
+            self.packed_weight()
+        } else {
+            None
+        }
+    }
+
     /// `x [M, in]` (float) times the weight's transpose, `[M, out]` in float32. In-place steps
     /// keep the temporaries to about three activation-sized tensors.
     #[cfg(test)]
@@ -319,12 +329,10 @@ impl Int8Weight {
         if groups < 1 || rows % groups != 0 {
             return None;
         }
-        if cpu_int8_gemm() == CpuInt8Gemm::Fbgemm && !self.symmetric_activations {
-            if let Some(packed) = self.packed_weight() {
-                return self.fbgemm_product(packed, x, groups);
-            }
+        match self.fbgemm_weight() {
+            Some(packed) => self.fbgemm_product(packed, x, groups),
+            None => self.fused_product(x, groups),
         }
-        self.fused_product(x, groups)
     }
 
     /// The same product as [`Self::aten_product`], bit for bit, with the passes over the

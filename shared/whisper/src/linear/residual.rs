@@ -12,8 +12,8 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::{quantize_symmetric_cpu, quantize_u7_cpu, rescale, Int8Weight};
-use crate::int8_gemm::{cpu_int8_gemm, int8_mm, CpuInt8Gemm};
+use super::{quantize_symmetric_cpu, quantize_u7_cpu, quantize_with_scale, rescale, Int8Weight};
+use crate::int8_gemm::int8_mm;
 
 /// One pass of quantised rows.
 struct QuantizedRows {
@@ -62,20 +62,14 @@ impl Int8Weight {
     /// Every column of `x` quantised per row, in the encoding of the layer's GEMM.
     fn quantize_rows(&self, x: &Tensor) -> Option<QuantizedRows> {
         if x.device() != Device::Cpu {
-            let row_scale = (x.abs().amax([1], true) / 127.0).clamp_min(1e-12);
-            let levels = (x / &row_scale)
-                .round()
-                .clamp(-127.0, 127.0)
-                .to_kind(Kind::Int8);
+            let (levels, row_scale) = quantize_with_scale(x);
             return Some(QuantizedRows {
                 levels,
                 zero_point: None,
                 row_scale,
             });
         }
-        let fbgemm = cpu_int8_gemm() == CpuInt8Gemm::Fbgemm
-            && !self.symmetric_activations
-            && self.packed_weight().is_some();
+        let fbgemm = self.fbgemm_weight().is_some();
         if fbgemm {
             let [levels, zero_point, row_scale, _, _] = quantize_u7_cpu(x, 0.0, 1)?;
             Some(QuantizedRows {
