@@ -49,6 +49,9 @@ fn main() -> anyhow::Result<()> {
                 best = best.min(t.elapsed().as_secs_f64());
             }
             println!("encoder batch {batch}: {best:.3} s (best of 3), {}", rss());
+            if std::env::var("ASR_PROFILE_ENCODER_ONLY").is_ok() {
+                continue;
+            }
             let enc8 = enc.repeat([8 / batch, 1, 1]);
             for b in [1i64, 8] {
                 let e = enc8.narrow(0, 0, b);
@@ -70,6 +73,18 @@ fn main() -> anyhow::Result<()> {
                 println!(
                     "  decoder step batch {b}: {:.2} ms",
                     t.elapsed().as_secs_f64() * 1000.0 / n as f64
+                );
+                // On to position 400 (a repetition loop runs to the 448-token limit).
+                for _ in cache.offset()..390 {
+                    let _ = model.decoder.forward(&tok, &mut cache);
+                }
+                let t = Instant::now();
+                for _ in 0..n / 5 {
+                    let _ = model.decoder.forward(&tok, &mut cache);
+                }
+                println!(
+                    "  decoder step batch {b} at position 400: {:.2} ms",
+                    t.elapsed().as_secs_f64() * 1000.0 / (n / 5) as f64
                 );
             }
         }

@@ -6,7 +6,7 @@
 use tch::Tensor;
 
 use crate::generation::{GenerationConfig, Task};
-use crate::greedy::{decode_greedy, GreedyOptions, ENCODER_CHUNK};
+use crate::greedy::{decode_greedy, GreedyOptions};
 use crate::metrics::cer;
 use crate::model::Whisper;
 use crate::tokenizer::WhisperTokenizer;
@@ -60,7 +60,7 @@ impl GenerationEval<'_> {
                 .view([batch.len() as i64, n_mels as i64, 3000])
                 .to_device(model.encoder.device())
                 .to_kind(model.encoder.kind());
-            let encoded = tch::no_grad(|| model.encoder.forward_in_chunks(&mel, ENCODER_CHUNK));
+            let encoded = tch::no_grad(|| model.encoder.forward_windows(&mel));
             for output in decode_greedy(model, self.generation, &encoded, &prompt, &options) {
                 texts.push(self.tokenizer.decode(&output.tokens)?);
             }

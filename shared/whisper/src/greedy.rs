@@ -10,9 +10,6 @@ use crate::model::Whisper;
 use crate::sampling::{sample_tokens, Sampler};
 use crate::timestamps::TimestampRules;
 
-/// Windows encoded at a time (see [`crate::model::Encoder::forward_in_chunks`]).
-pub const ENCODER_CHUNK: i64 = 2;
-
 /// Bans `tokens` (ids outside the vocabulary are ignored) from `logits` `[B, V]`.
 pub fn suppress(logits: &mut Tensor, tokens: &[i64]) {
     let vocab = logits.size()[1];
@@ -122,7 +119,7 @@ pub fn greedy_detailed(
     prompt: &[i64],
     options: &GreedyOptions,
 ) -> Vec<GreedyOutput> {
-    let encoder_out = tch::no_grad(|| model.encoder.forward_in_chunks(mel, ENCODER_CHUNK));
+    let encoder_out = tch::no_grad(|| model.encoder.forward_windows(mel));
     decode_greedy(model, generation, &encoder_out, prompt, options)
 }
 

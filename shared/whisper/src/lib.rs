@@ -33,6 +33,7 @@ pub mod feature_cache;
 pub mod generation;
 pub mod greedy;
 pub mod int8_gemm;
+mod kv_cache;
 pub mod labels;
 pub mod linear;
 pub mod longform;

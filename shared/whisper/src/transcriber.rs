@@ -9,7 +9,6 @@ use tch::{Device, Kind, Tensor};
 use crate::beam::BeamOptions;
 use crate::fallback::{DecodeSettings, FallbackOptions};
 use crate::generation::{GenerationConfig, Task};
-use crate::greedy::ENCODER_CHUNK;
 use crate::linear::DEFAULT_OUTLIER_THRESHOLD;
 use crate::model::Whisper;
 use crate::sampling::{mix, window_seed};
@@ -203,7 +202,7 @@ impl LoadedModel {
 
     /// Language code of each window, from the decoder's first step after start-of-transcript.
     pub fn detect_language(&self, mel: &Tensor) -> anyhow::Result<Vec<String>> {
-        let encoder_out = tch::no_grad(|| self.model.encoder.forward_in_chunks(mel, ENCODER_CHUNK));
+        let encoder_out = tch::no_grad(|| self.model.encoder.forward_windows(mel));
         self.detect_language_encoded(&encoder_out)
     }
 
@@ -281,7 +280,7 @@ impl LoadedModel {
     /// [`Self::transcribe_encoded`] decodes, once or with several settings.
     pub fn encode_windows(&self, windows: &[Vec<f32>]) -> Tensor {
         let mel = self.batch(windows);
-        tch::no_grad(|| self.model.encoder.forward_in_chunks(&mel, ENCODER_CHUNK))
+        tch::no_grad(|| self.model.encoder.forward_windows(&mel))
     }
 
     /// [`Self::transcribe_windows_after`] from the windows' encoder output. Sampling (at
