@@ -36,8 +36,8 @@ impl GrowingKv {
             self.keys = grown(&self.keys, self.len, wanted);
             self.values = grown(&self.values, self.len, wanted);
         }
-        let _ = self.keys.narrow(2, self.len, added).copy_(keys);
-        let _ = self.values.narrow(2, self.len, added).copy_(values);
+        self.keys.narrow(2, self.len, added).copy_(keys);
+        self.values.narrow(2, self.len, added).copy_(values);
         self.len += added;
         self.filled()
     }
@@ -62,7 +62,7 @@ fn grown(buffer: &Tensor, len: i64, room: i64) -> Tensor {
     let mut size = buffer.size();
     size[2] = room;
     let bigger = Tensor::empty(size.as_slice(), (buffer.kind(), buffer.device()));
-    let _ = bigger.narrow(2, 0, len).copy_(&buffer.narrow(2, 0, len));
+    bigger.narrow(2, 0, len).copy_(&buffer.narrow(2, 0, len));
     bigger
 }
 
