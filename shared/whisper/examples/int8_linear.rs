@@ -19,6 +19,7 @@ fn best_of<F: FnMut() -> Tensor>(runs: usize, mut f: F) -> f64 {
 
 fn main() {
     parts();
+    few_rows();
     tch::set_num_threads(2);
     tch::manual_seed(0);
     println!("gemm: {:?}", asr_whisper::int8_gemm::cpu_int8_gemm());
@@ -73,4 +74,23 @@ fn parts() {
     let a = best_of(20, || &y + own.matmul(&w));
     let plain = best_of(20, || q_t.index_select(0, &columns));
     println!("outlier parts (8x24x2048): gather {g:.3} ms (plain index_select {plain:.3}), dequantise {d:.3}, product {p:.3}, product+add {a:.3}");
+}
+
+/// Decoder-step sizes: LLM.int8 (with a few outlier columns) against residual activations.
+fn few_rows() {
+    tch::set_num_threads(2);
+    for (k, n) in [(512, 512), (512, 2048), (2048, 512)] {
+        let w = Tensor::randn([n, k], (Kind::Float, tch::Device::Cpu)) * 0.05;
+        let int8 = Linear::int8_from(&w, 6.0);
+        let residual = Linear::int8_residual_from(&w);
+        for m in [1, 8, 16, 32, 64, 128] {
+            let x = Tensor::randn([m, k], (Kind::Float, tch::Device::Cpu));
+            let _ = x.narrow(1, 0, 8).fill_(8.0);
+            tch::no_grad(|| {
+                let i = best_of(20, || int8.forward(&x));
+                let r = best_of(20, || residual.forward(&x));
+                println!("{m}x{k}x{n}: int8 with 8 outlier columns {i:.3} ms, residual {r:.3} ms");
+            });
+        }
+    }
 }
