@@ -18,9 +18,9 @@ fn best_of<F: FnMut() -> Tensor>(runs: usize, mut f: F) -> f64 {
 }
 
 fn main() {
+    tch::set_num_threads(2);
     parts();
     few_rows();
-    tch::set_num_threads(2);
     tch::manual_seed(0);
     println!("gemm: {:?}", asr_whisper::int8_gemm::cpu_int8_gemm());
     for (m, k, n) in [
@@ -78,7 +78,6 @@ fn parts() {
 
 /// Decoder-step sizes: LLM.int8 (with a few outlier columns) against residual activations.
 fn few_rows() {
-    tch::set_num_threads(2);
     for (k, n) in [(512, 512), (512, 2048), (2048, 512)] {
         let w = Tensor::randn([n, k], (Kind::Float, tch::Device::Cpu)) * 0.05;
         let int8 = Linear::int8_from(&w, 6.0);

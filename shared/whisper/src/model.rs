@@ -359,11 +359,7 @@ impl DecoderLayer {
         let (k, v) = self.self_attn.keys_values(&h);
         let (k, v) = match &mut cache.self_kv {
             Some(past) => past.append(&k, &v),
-            None => {
-                let filled = (k.shallow_clone(), v.shallow_clone());
-                cache.self_kv = Some(GrowingKv::new(k, v));
-                filled
-            }
+            None => cache.self_kv.insert(GrowingKv::new(k, v)).filled(),
         };
         let new_tokens = xs.size()[1];
         let past = k.size()[2] - new_tokens;
