@@ -63,6 +63,8 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before libtorch allocates: its large activations are reused from the heap.
+    asr_runtime::allocator::keep_large_blocks();
     // With OTEL_EXPORTER_OTLP_ENDPOINT set, the CLI's spans are exported (and the trace
     // context sent to the services): a runtime of its own drives the exporter, and the guard
     // flushes it before exit.

@@ -36,6 +36,7 @@ fn main() -> anyhow::Result<ExitCode> {
     // Before libtorch runs: training and transcription each use it on threads of their own,
     // whose OpenMP teams must not spin against each other.
     asr_runtime::openmp::bounded_spin_or_restart();
+    asr_runtime::allocator::keep_large_blocks();
     tokio::runtime::Runtime::new()?.block_on(run(args))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -2,9 +2,10 @@
 //! context across gRPC hops ([`trace_context`]), Prometheus metrics ([`metrics`]), and serving
 //! gRPC with health, reflection, a shutdown signal and a drain deadline ([`serve`]), TLS and
 //! bearer-token scopes on the server ([`security`], [`auth`]) and the client ([`client`]), a
-//! health probe built into each binary ([`probe`]), and how libtorch's OpenMP threads wait
-//! ([`openmp`]).
+//! health probe built into each binary ([`probe`]), how libtorch's OpenMP threads wait
+//! ([`openmp`]) and how malloc keeps large blocks ([`allocator`]).
 
+pub mod allocator;
 pub mod auth;
 pub mod client;
 pub mod deadline;
