@@ -12,7 +12,8 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::{quantize_symmetric_cpu, quantize_u7_cpu, quantize_with_scale, rescale, Int8Weight};
+use super::int8::{quantize_symmetric_cpu, quantize_u7_cpu, quantize_with_scale, rescale};
+use super::Int8Weight;
 use crate::int8_gemm::int8_mm;
 
 /// One pass of quantised rows.
