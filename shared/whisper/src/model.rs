@@ -95,6 +95,7 @@ impl Attention {
         let q = self.split_heads(&self.q_proj.forward(xs));
         let single_query_on_cpu = t == 1
             && mask.is_none()
+            && !causal
             && q.device() == tch::Device::Cpu
             && q.kind() == Kind::Float
             && self.sdpa_kind.is_none();
