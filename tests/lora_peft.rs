@@ -12,9 +12,14 @@ use tch::{Device, Kind, Tensor};
 
 const BOUND: f64 = 1e-4;
 
-/// Training reseeds libtorch's process-wide generator for its dropout masks; tests that train
-/// take this lock so that a parallel one does not draw from it in between.
-static TRAINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// Training reseeds libtorch's process-wide generator for its dropout masks, and the other
+/// tests seed it and draw random weights from it: every test takes this lock, so that a
+/// parallel one does not draw in between (a training run's losses then moved by 4e-4).
+static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn tensor(path: &Path) -> Tensor {
     let (shape, values) = read_npy(path);
@@ -123,6 +128,7 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn our_adapter_loads_in_peft_with_the_same_logits() {
+    let _rng = rng_lock();
     let mut f = Fixture::new();
     let base = f.our_logits();
     tch::manual_seed(3);
@@ -162,6 +168,7 @@ fn our_adapter_loads_in_peft_with_the_same_logits() {
 
 #[test]
 fn peft_adapter_loads_here_with_the_same_logits() {
+    let _rng = rng_lock();
     let mut f = Fixture::new();
     let adapter_dir = f.path("peft-made");
     run_reference(
@@ -192,6 +199,7 @@ fn peft_adapter_loads_here_with_the_same_logits() {
 /// holding the dequantised weights.
 #[test]
 fn adapters_below_int8_layers_get_exact_gradients() {
+    let _rng = rng_lock();
     let f = Fixture::new();
     let model_dir = f.dir.path().join("model");
     let config = WhisperConfig::from_file(&model_dir.join("config.json")).expect("config");
@@ -284,6 +292,7 @@ fn adapters_below_int8_layers_get_exact_gradients() {
 /// other; this random model's huge activations make int8 comparisons on it meaningless.)
 #[test]
 fn merged_adapter_gives_the_attached_logits() {
+    let _rng = rng_lock();
     let mut f = Fixture::new();
     tch::manual_seed(4);
     let config = LoraConfig {
@@ -441,7 +450,7 @@ impl ResumeSetup {
 /// (tiny model, 8 examples, batch 2, accumulation 2: 2 optimiser steps per epoch).
 #[test]
 fn resumed_training_equals_uninterrupted_training() {
-    let _training = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = rng_lock();
     let setup = ResumeSetup::new();
     let examples = &setup.examples;
     let checkpoint = setup.f.dir.path().join("checkpoint-epoch-1");
@@ -488,7 +497,7 @@ fn suspended_mid_epoch_training_resumes_exactly() {
     use asr_whisper::trainer::{interrupted_dir, EpochSummary, FitOptions, StepLog, Suspended};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    let _training = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = rng_lock();
     let setup = ResumeSetup::new();
     let options = FitOptions::new("tiny-random-whisper");
 
@@ -558,7 +567,7 @@ fn suspended_mid_epoch_training_resumes_exactly() {
 fn evaluations_within_epochs_leave_training_unchanged() {
     use asr_whisper::evaluation::EvalSet;
     use asr_whisper::trainer::{EpochSummary, FitOptions, StepEvaluation, StepLog};
-    let _training = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = rng_lock();
     let setup = ResumeSetup::new();
     let evals = [EvalSet {
         name: "eval".into(),
@@ -622,7 +631,7 @@ fn fit_keeps_the_best_checkpoint_and_ends_on_it() {
     use asr_whisper::trainer::{
         checkpoint_dir, EpochSummary, Example, FitOptions, LabelIds, StepLog, TrainConfig, Trainer,
     };
-    let _training = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = rng_lock();
     let f = Fixture::new_with_inputs(4);
     let inputs = tensor(&f.dir.path().join("inputs.npy"));
     let examples: Vec<Example> = (0..4)
@@ -725,7 +734,7 @@ fn trainer_sites(model_dir: &Path) -> Vec<asr_whisper::lora::LinearSite> {
 #[test]
 fn mixed_precision_training_follows_fp32() {
     use asr_whisper::trainer::{Example, LabelIds, MixedPrecision, TrainConfig, Trainer};
-    let _training = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = rng_lock();
     let f = Fixture::new_with_inputs(4);
     let model_dir = f.dir.path().join("model");
     let config = WhisperConfig::from_file(&model_dir.join("config.json")).expect("config");
@@ -809,6 +818,7 @@ fn mixed_precision_training_follows_fp32() {
 /// PEFT's.
 #[test]
 fn bias_all_adapters_cross_both_ways() {
+    let _rng = rng_lock();
     let mut f = Fixture::new();
     let base = f.our_logits();
     tch::manual_seed(8);
@@ -870,6 +880,7 @@ fn bias_all_adapters_cross_both_ways() {
 /// adapters: ours gives PEFT's tensors, rank and alpha.
 #[test]
 fn combined_adapters_match_peft_add_weighted_adapter() {
+    let _rng = rng_lock();
     use asr_whisper::lora_combine::{combine, Combination};
     let mut f = Fixture::new();
     let sites = f.model.linear_sites();
