@@ -32,6 +32,7 @@ fn main() -> anyhow::Result<()> {
     }
     let model = &m.model;
     println!("after load: {}", rss());
+    attention_timings();
     tch::no_grad(|| {
         for batch in [1i64, 2] {
             // ASR_PROFILE_MEL=FILE.npy: real windows `[2, 80, 3000]` (random ones otherwise).
@@ -90,6 +91,33 @@ fn main() -> anyhow::Result<()> {
         }
     });
     Ok(())
+}
+
+/// One encoder layer's self-attention (whisper-base: 8 heads, 1500 positions): libtorch's
+/// float32 kernel against the bfloat16 one where the CPU has it.
+fn attention_timings() {
+    let make = || Tensor::randn([1, 1500, 8, 64], (Kind::Float, tch::Device::Cpu)).transpose(1, 2);
+    let (q, k, v) = (make(), make(), make());
+    let best_of = |f: &dyn Fn() -> Tensor| {
+        let _ = f();
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                let _ = f();
+                t.elapsed().as_secs_f64() * 1000.0
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let sdpa = best_of(&|| {
+        Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, false, None, false)
+    });
+    print!("encoder self-attention [1, 8, 1500, 64]: libtorch f32 {sdpa:.1} ms");
+    if asr_whisper::attention_bf16::supported() {
+        let ours =
+            best_of(&|| asr_whisper::attention_bf16::attend(&q, &k, &v).expect("bf16 kernel"));
+        print!(", bf16 products {ours:.1} ms");
+    }
+    println!();
 }
 
 fn rss() -> String {

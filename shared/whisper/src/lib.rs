@@ -2,7 +2,8 @@
 //!
 //! - [`config`]: the HF `config.json` of every Whisper size;
 //! - [`weights`]: named tensors of an HF safetensors directory;
-//! - [`linear`], [`model`]: the network (HF names and layout), no I/O;
+//! - [`linear`], [`model`]: the network (HF names and layout), no I/O; [`attention_bf16`]:
+//!   the encoder's self-attention in bfloat16 products on CPUs with AVX512-BF16;
 //! - [`dataset`], [`feature_cache`]: JSONL manifests and Common Voice releases; features
 //!   computed once, content-addressed on disk;
 //! - [`labels`]: training labels and decoder inputs as the recipe's collator makes them;
@@ -23,6 +24,7 @@
 //!   safetensors directories.
 
 pub mod adapter_io;
+pub mod attention_bf16;
 pub mod beam;
 pub mod config;
 pub mod ct2;

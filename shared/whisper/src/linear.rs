@@ -129,6 +129,15 @@ impl Linear {
         }
     }
 
+    /// The float part of an int8 layer's large CPU products (outlier columns, layers past
+    /// the dense share) in bfloat16, for inference on CPUs with AVX512-BF16; float layers
+    /// ignore it.
+    pub fn set_bf16_float_part(&mut self, on: bool) {
+        if let LinearWeight::Int8(weight) = &mut self.weight {
+            weight.bf16_float_part = on;
+        }
+    }
+
     /// Mixed precision: the base product in `kind` (an int8 weight dequantised to it, see
     /// [`Int8Compute::Dequantized`]), the output and the adapter in float32; `None` goes
     /// back to full precision (and to the int8 GEMM).

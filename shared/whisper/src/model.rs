@@ -23,8 +23,11 @@ struct Attention {
     heads: i64,
     head_dim: i64,
     /// Kind the attention product runs in when not the activations' (see
-    /// [`Whisper::set_encoder_attention_kind`]).
+    /// [`Whisper::set_compute_kind`]).
     sdpa_kind: Option<Kind>,
+    /// Unmasked attention of many queries through [`crate::attention_bf16`] where it applies
+    /// (see [`Whisper::set_cpu_bf16`]).
+    bf16_kernel: bool,
 }
 
 impl Attention {
@@ -49,6 +52,7 @@ impl Attention {
             heads,
             head_dim: d_model / heads,
             sdpa_kind: None,
+            bf16_kernel: false,
         })
     }
 
@@ -93,6 +97,13 @@ impl Attention {
     ) -> Tensor {
         let (b, t, d) = xs.size3().expect("[B, T, D]");
         let q = self.split_heads(&self.q_proj.forward(xs));
+        if self.bf16_kernel && t > 1 && mask.is_none() && !causal && self.sdpa_kind.is_none() {
+            // Heads already merged: `[B, T, D]`. `None` where the kernel does not apply (a
+            // gradient, another head size): libtorch's kernel below.
+            if let Some(out) = crate::attention_bf16::attend(&q, keys, values) {
+                return self.out_proj.forward(&out);
+            }
+        }
         let single_query_on_cpu = t == 1
             && mask.is_none()
             && !causal
@@ -641,6 +652,19 @@ impl Whisper {
         }
         for layer in &mut self.encoder.layers {
             layer.self_attn.sdpa_kind = kind;
+        }
+    }
+
+    /// Inference in bfloat16 products where float32 would run on the CPU: the encoder's
+    /// self-attention through [`crate::attention_bf16`] and the float part of large int8
+    /// products (see [`Linear::set_bf16_float_part`]). A pass that needs gradients keeps
+    /// float32.
+    pub fn set_cpu_bf16(&mut self, on: bool) {
+        for layer in &mut self.encoder.layers {
+            layer.self_attn.bf16_kernel = on;
+        }
+        for linear in self.linears_mut() {
+            linear.set_bf16_float_part(on);
         }
     }
 

@@ -51,6 +51,13 @@ pub struct LoadOptions {
     /// int8: outlier columns per window rather than per batch, so a window's transcript does
     /// not depend on the windows decoded with it (see [`Whisper::set_per_sample_outliers`]).
     pub per_sample_outliers: bool,
+    /// int8 inference in bfloat16 products where float32 would run on the CPU: the encoder's
+    /// self-attention (see [`crate::attention_bf16`]) and the float part of large int8
+    /// products (see [`crate::linear::Linear::set_bf16_float_part`]). `None`: for int8 on a
+    /// CPU with AVX512-BF16 (`ASR_CPU_BF16=on|off` overrides that choice, e.g. to time both on
+    /// one machine). fp32 keeps float32 throughout, the precision the parity tests hold to
+    /// HF's.
+    pub cpu_bf16: Option<bool>,
 }
 
 impl Default for LoadOptions {
@@ -61,6 +68,7 @@ impl Default for LoadOptions {
             outlier_threshold: DEFAULT_OUTLIER_THRESHOLD,
             output_projection: None,
             per_sample_outliers: false,
+            cpu_bf16: None,
         }
     }
 }
@@ -140,6 +148,16 @@ pub struct TimedText {
     pub text: String,
 }
 
+/// [`LoadOptions::cpu_bf16`]'s choice: for `int8_on_cpu` where the CPU has AVX512-BF16,
+/// unless `ASR_CPU_BF16` says `off` (or `on`: wherever the CPU has it).
+fn cpu_bf16_default(int8_on_cpu: bool) -> bool {
+    match std::env::var("ASR_CPU_BF16").as_deref() {
+        Ok("off") => false,
+        Ok("on") => crate::attention_bf16::supported(),
+        _ => int8_on_cpu && crate::attention_bf16::supported(),
+    }
+}
+
 pub struct LoadedModel {
     pub model: Whisper,
     pub generation: GenerationConfig,
@@ -176,6 +194,9 @@ impl LoadedModel {
         let mut model = Whisper::load(weights, &config)
             .with_context(|| format!("building Whisper from {}", dir.display()))?;
         model.set_per_sample_outliers(options.per_sample_outliers);
+        model.set_cpu_bf16(options.cpu_bf16.unwrap_or_else(|| {
+            cpu_bf16_default(options.precision == Precision::Int8 && options.device == Device::Cpu)
+        }));
         Ok(Self {
             model,
             generation,

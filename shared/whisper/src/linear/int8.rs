@@ -25,6 +25,9 @@ pub struct Int8Weight {
     /// Activations in two quantised passes, the value then its rounding residual, and no
     /// outlier columns (see the `residual` module): for inputs with outliers in most columns.
     pub(super) residual_activations: bool,
+    /// The float part (outlier columns, dense layers) of large CPU products in bfloat16 (see
+    /// [`Linear::set_bf16_float_part`]).
+    pub(super) bf16_float_part: bool,
 }
 
 /// Where an int8 weight's values live: one copy, in the layout of the GEMM that uses them.
@@ -94,6 +97,7 @@ impl Int8Weight {
             per_sample_outliers: false,
             symmetric_activations: false,
             residual_activations: false,
+            bf16_float_part: false,
         }
     }
 
@@ -348,6 +352,10 @@ impl Int8Weight {
     fn add_outlier_columns(&self, mut y: Tensor, columns: &Tensor, own: &Tensor) -> Tensor {
         if columns.size()[0] > 0 {
             let w_cols = self.q_t_rows(columns).to_kind(Kind::Float) * self.scale.unsqueeze(0);
+            if self.bf16_float_part_for(own) {
+                y += super::dense::bf16_product(own, &w_cols);
+                return y;
+            }
             // A product then a sum, not addmm_: addmm_ rounds differently, and these bits
             // are the ones the int8 CER tests and benchmarks were measured with.
             y += own.matmul(&w_cols);
