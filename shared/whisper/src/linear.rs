@@ -205,7 +205,7 @@ impl Linear {
                 };
                 let y = weight.matmul_t_with_grad(&xs.reshape([-1, in_dim]), groups);
                 let y = match bias {
-                    Some(bias) => y + bias.to_kind(Kind::Float),
+                    Some(bias) => add_in_place_without_grad(y, &bias.to_kind(Kind::Float)),
                     None => y,
                 };
                 let mut out_shape = shape.clone();
@@ -234,6 +234,24 @@ impl Linear {
         };
         weight + self.bias.as_ref().map_or(0, tensor_bytes)
     }
+}
+
+/// `a + b`, in `a`'s memory when no gradient is being recorded for either (inference) and
+/// `b` broadcasts to `a`'s shape: an activation-sized allocation less, the same bits. `a` must
+/// be a fresh result that nothing else holds.
+pub(crate) fn add_in_place_without_grad(mut a: Tensor, b: &Tensor) -> Tensor {
+    let (a_shape, b_shape) = (a.size(), b.size());
+    let broadcasts = b_shape.len() <= a_shape.len()
+        && b_shape
+            .iter()
+            .rev()
+            .zip(a_shape.iter().rev())
+            .all(|(&bd, &ad)| bd == ad || bd == 1);
+    if a.requires_grad() || b.requires_grad() || !broadcasts || a.kind() != b.kind() {
+        return a + b;
+    }
+    a += b;
+    a
 }
 
 /// Bytes of a tensor's elements.

@@ -9,7 +9,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::WhisperConfig;
 use crate::kv_cache::GrowingKv;
-use crate::linear::{bias_site, tensor_bytes, LayerNorm, Linear};
+use crate::linear::{add_in_place_without_grad, bias_site, tensor_bytes, LayerNorm, Linear};
 use crate::lora::{Adapter, LinearSite};
 use crate::weights::{OutputProjection, Weights};
 
@@ -188,9 +188,9 @@ impl EncoderLayer {
     fn forward(&self, xs: &Tensor) -> Tensor {
         let h = self.self_attn_layer_norm.forward(xs);
         let (k, v) = self.self_attn.keys_values(&h);
-        let xs = xs + self.self_attn.attend(&h, &k, &v, None, false);
+        let xs = add_in_place_without_grad(self.self_attn.attend(&h, &k, &v, None, false), xs);
         let h = feed_forward(&self.final_layer_norm, &self.fc1, &self.fc2, &xs);
-        xs + h
+        add_in_place_without_grad(h, &xs)
     }
 }
 
@@ -406,7 +406,14 @@ impl DecoderLayer {
 
 /// The pre-norm GELU MLP of every layer: `fc2(gelu(fc1(norm(xs))))`.
 fn feed_forward(norm: &LayerNorm, fc1: &Linear, fc2: &Linear, xs: &Tensor) -> Tensor {
-    fc2.forward(&fc1.forward(&norm.forward(xs)).gelu("none"))
+    let mut h = fc1.forward(&norm.forward(xs));
+    // In place for inference: GELU's backward needs its input.
+    let h = if h.requires_grad() {
+        h.gelu("none")
+    } else {
+        h.gelu_("none")
+    };
+    fc2.forward(&h)
 }
 
 /// Boolean mask `[T, past + T]`: token i sees every past token and new tokens up to i.
