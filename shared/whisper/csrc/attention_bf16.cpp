@@ -1,14 +1,16 @@
-// The encoder's self-attention on CPUs with AVX512-BF16: softmax(q k^T * scale) v per head,
-// with both products as bf16 dot products accumulated in f32 (vdpbf16ps) and the softmax in
-// f32. libtorch's CPU flash kernel computes in f32 on such CPUs (its bf16 path was no faster
+// Attention in bf16 products on CPUs with AVX512-BF16: softmax(q k^T * scale) v per head,
+// both products as bf16 dot products accumulated in f32 (vdpbf16ps), the softmax in f32.
+// libtorch's CPU flash kernel computes in f32 on such CPUs (its bf16 path was no faster
 // here), and an ATen bf16 matmul rounds the scores to bf16 (an error of ~0.1 in a logit of
-// 30). Query tiles of 32 rows keep their scores (32 x T f32) in L2.
+// 30). Keys and values are packed once (the encoder's self-attention packs them per pass, a
+// decoder's cross-attention once per window, halving what each step reads); query tiles of
+// 32 rows keep their scores (32 x T f32) in L2.
 //
-// Layouts (bf16, "pairs" = two consecutive elements of the reduced dimension in one 32-bit
-// lane, as vdpbf16ps takes them):
-//   keys    [T/16 blocks][D/2 pairs][16 keys][2]   one zmm per (block, pair)
-//   values  [T/2 pairs][D/16 groups][16 cols][2]   one zmm per (key pair, column group)
-//   queries and probabilities row-major, a pair broadcast as one 32-bit word.
+// Packed layouts (bf16, "pairs" = two consecutive elements of the reduced dimension in one
+// 32-bit lane, as vdpbf16ps takes them), per head, T rounded up to 64 with zeros:
+//   keys    [T/16 blocks][32 pairs][16 keys][2]   one zmm per (block, pair)
+//   values  [T/2 pairs][4 groups][16 cols][2]     one zmm per (key pair, column group)
+// Queries and probabilities are row-major, a pair broadcast as one 32-bit word.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -32,7 +34,7 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 #define ASR_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
 
-ASR_BF16_TARGET inline uint16_t to_bf16(float x) {
+inline uint16_t to_bf16(float x) {
   // Round to nearest even, as vcvtneps2bf16 does (inputs here are finite).
   uint32_t bits;
   std::memcpy(&bits, &x, 4);
@@ -64,34 +66,67 @@ ASR_BF16_TARGET inline __m512bh broadcast_pair(const uint16_t* pair) {
   return (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
 }
 
-struct Head {
-  std::vector<uint16_t> keys;    // [T_k/16][kPairs][16][2]
-  std::vector<uint16_t> values;  // [T_v/2][kGroups][16][2]
-};
-
 using HeadView = at::TensorAccessor<float, 2>;
 
-// ka, va: [T, D] views of one head.
-ASR_BF16_TARGET void pack_head(HeadView ka, HeadView va, int64_t t, int64_t keys_padded,
-                               Head& head) {
-  head.keys.assign(keys_padded * kHeadDim, 0);
-  for (int64_t j = 0; j < t; ++j) {
-    uint16_t* block = head.keys.data() + (j / 16) * (kPairs * 32) + (j % 16) * 2;
-    for (int64_t p = 0; p < kPairs; ++p) {
-      block[p * 32] = to_bf16(ka[j][2 * p]);
-      block[p * 32 + 1] = to_bf16(ka[j][2 * p + 1]);
-    }
-  }
-  head.values.assign(keys_padded * kHeadDim, 0);
-  for (int64_t j = 0; j < t; ++j) {
-    uint16_t* pair = head.values.data() + (j / 2) * (kGroups * 32) + (j % 2);
-    for (int64_t c = 0; c < kHeadDim; ++c) {
-      pair[(c / 16) * 32 + (c % 16) * 2] = to_bf16(va[j][c]);
-    }
-  }
+uint16_t* bf16_data(const at::Tensor& t) {
+  return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
 }
 
-// scores[r][j] = q[r] . k[j] for 4 query rows and kKeyStep keys from `block`.
+void check_heads(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 4 && x.size(3) == kHeadDim, name, " must be [B, H, T, 64]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), name,
+              " must be float32 on the CPU");
+}
+
+// Keys [B, H, T, 64] f32 -> bf16 [B, H, Tp/16, 32, 16, 2], Tp = T rounded up to kKeyStep,
+// zero past T.
+at::Tensor pack_keys(const at::Tensor& k) {
+  check_heads(k, "keys");
+  const int64_t batch = k.size(0), heads = k.size(1), t = k.size(2);
+  const int64_t padded = round_up(t, kKeyStep);
+  at::Tensor packed =
+      at::zeros({batch, heads, padded / 16, kPairs, 16, 2}, k.options().dtype(at::kBFloat16));
+  auto ka = k.accessor<float, 4>();
+  uint16_t* base = bf16_data(packed);
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      HeadView head = ka[i / heads][i % heads];
+      uint16_t* out = base + i * padded * kHeadDim;
+      for (int64_t j = 0; j < t; ++j) {
+        uint16_t* block = out + (j / 16) * (kPairs * 32) + (j % 16) * 2;
+        for (int64_t p = 0; p < kPairs; ++p) {
+          block[p * 32] = to_bf16(head[j][2 * p]);
+          block[p * 32 + 1] = to_bf16(head[j][2 * p + 1]);
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+// Values [B, H, T, 64] f32 -> bf16 [B, H, Tp/2, 4, 16, 2], zero past T.
+at::Tensor pack_values(const at::Tensor& v) {
+  check_heads(v, "values");
+  const int64_t batch = v.size(0), heads = v.size(1), t = v.size(2);
+  const int64_t padded = round_up(t, kKeyStep);
+  at::Tensor packed =
+      at::zeros({batch, heads, padded / 2, kGroups, 16, 2}, v.options().dtype(at::kBFloat16));
+  auto va = v.accessor<float, 4>();
+  uint16_t* base = bf16_data(packed);
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      HeadView head = va[i / heads][i % heads];
+      uint16_t* out = base + i * padded * kHeadDim;
+      for (int64_t j = 0; j < t; ++j) {
+        uint16_t* pair = out + (j / 2) * (kGroups * 32) + (j % 2);
+        for (int64_t c = 0; c < kHeadDim; ++c) pair[(c / 16) * 32 + (c % 16) * 2] = to_bf16(head[j][c]);
+      }
+    }
+  });
+  return packed;
+}
+
+// scores[r][j] = q[r] . k[j] for 4 query rows and kKeyStep keys from `key_blocks`.
 ASR_BF16_TARGET inline void score_step(const uint16_t* q_rows, const uint16_t* key_blocks,
                                        float* scores, int64_t scores_stride) {
   __m512 acc[4][4];
@@ -152,28 +187,38 @@ ASR_BF16_TARGET float softmax_row(float* scores, int64_t t, int64_t padded, floa
   return _mm512_reduce_add_ps(vsum);
 }
 
-// One task: query rows [row0, row0 + rows) of one head; `qa` and `oa` the head's [T, D]
-// views of the queries and the output.
-ASR_BF16_TARGET void attend_tile(HeadView qa, const Head& head, int64_t t, int64_t keys_padded,
-                                 int64_t row0, int64_t rows, float scale,
-                                 std::vector<uint16_t>& q_tile, std::vector<float>& scores,
-                                 std::vector<uint16_t>& probs, HeadView oa) {
-  std::fill(q_tile.begin(), q_tile.end(), 0);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < kHeadDim; ++d) q_tile[r * kHeadDim + d] = to_bf16(qa[row0 + r][d]);
-  for (int64_t r = 0; r < kTile; r += 4)
+// Per-thread buffers of one query tile.
+struct TileBuffers {
+  explicit TileBuffers(int64_t keys_padded)
+      : queries(kTile * kHeadDim), scores(kTile * keys_padded), probs(kTile * keys_padded) {}
+  std::vector<uint16_t> queries;
+  std::vector<float> scores;
+  std::vector<uint16_t> probs;
+};
+
+// One task: query rows [row0, row0 + rows) of one head, against its packed keys and values
+// (`t` of them, `keys_padded` with the padding); `qa` and `oa` the head's [Tq, D] views of the
+// queries and the output.
+ASR_BF16_TARGET void attend_tile(HeadView qa, const uint16_t* keys, const uint16_t* values,
+                                 int64_t t, int64_t keys_padded, int64_t row0, int64_t rows,
+                                 float scale, TileBuffers& buf, HeadView oa) {
+  // Rows in steps of 4 (the kernels' height): a decoding step's single query costs 4 rows.
+  const int64_t rows4 = round_up(rows, 4);
+  for (int64_t r = 0; r < rows4; ++r)
+    for (int64_t d = 0; d < kHeadDim; ++d)
+      buf.queries[r * kHeadDim + d] = r < rows ? to_bf16(qa[row0 + r][d]) : 0;
+  for (int64_t r = 0; r < rows4; r += 4)
     for (int64_t j = 0; j < keys_padded; j += kKeyStep)
-      score_step(q_tile.data() + r * kHeadDim, head.keys.data() + (j / 16) * kPairs * 32,
-                 scores.data() + r * keys_padded + j, keys_padded);
+      score_step(buf.queries.data() + r * kHeadDim, keys + (j / 16) * kPairs * 32,
+                 buf.scores.data() + r * keys_padded + j, keys_padded);
   float sums[kTile];
   for (int64_t r = 0; r < rows; ++r)
-    sums[r] = softmax_row(scores.data() + r * keys_padded, t, keys_padded, scale,
-                          probs.data() + r * keys_padded);
-  for (int64_t r = rows; r < kTile; ++r)
-    std::fill(probs.begin() + r * keys_padded, probs.begin() + (r + 1) * keys_padded, 0);
+    sums[r] = softmax_row(buf.scores.data() + r * keys_padded, t, keys_padded, scale,
+                          buf.probs.data() + r * keys_padded);
+  std::fill(buf.probs.begin() + rows * keys_padded, buf.probs.begin() + rows4 * keys_padded, 0);
   float tile_out[4 * kHeadDim];
   for (int64_t r = 0; r < rows; r += 4) {
-    value_step(probs.data() + r * keys_padded, keys_padded, head.values.data(), keys_padded / 2,
+    value_step(buf.probs.data() + r * keys_padded, keys_padded, values, keys_padded / 2,
                tile_out);
     for (int64_t i = 0; i < 4 && r + i < rows; ++i) {
       const float inv = 1.0f / sums[r + i];
@@ -182,44 +227,40 @@ ASR_BF16_TARGET void attend_tile(HeadView qa, const Head& head, int64_t t, int64
   }
 }
 
-// q, k, v: f32 [B, H, T, D] (any strides); returns f32 [B, T, H * D].
-ASR_BF16_TARGET at::Tensor attention(const at::Tensor& q, const at::Tensor& k,
-                                     const at::Tensor& v, double scale) {
-  TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes() && q.sizes() == v.sizes(),
-              "q, k, v must be [B, H, T, D] of one shape");
-  TORCH_CHECK(q.size(3) == kHeadDim, "head dim must be 64");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
-                  v.scalar_type() == at::kFloat,
-              "q, k, v must be float32");
-  TORCH_CHECK(q.device().is_cpu(), "q, k, v must be on the CPU");
-  const int64_t batch = q.size(0), heads = q.size(1), t = q.size(2);
+// q: f32 [B, H, Tq, 64] (any strides) against packed keys and values of `t` positions;
+// returns f32 [B, Tq, H * 64].
+at::Tensor attend_packed(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                         int64_t t, double scale) {
+  check_heads(q, "queries");
+  const int64_t batch = q.size(0), heads = q.size(1), tq = q.size(2);
   const int64_t keys_padded = round_up(t, kKeyStep);
-  at::Tensor out = at::empty({batch, t, heads, kHeadDim}, q.options());
-  // A [B, H, T, D] view of the output (kept alive: accessors point into its strides).
+  TORCH_CHECK(keys.scalar_type() == at::kBFloat16 && keys.is_contiguous() &&
+                  keys.sizes() == at::IntArrayRef({batch, heads, keys_padded / 16, kPairs, 16, 2}),
+              "packed keys do not match the queries and length");
+  TORCH_CHECK(values.scalar_type() == at::kBFloat16 && values.is_contiguous() &&
+                  values.sizes() ==
+                      at::IntArrayRef({batch, heads, keys_padded / 2, kGroups, 16, 2}),
+              "packed values do not match the queries and length");
+  at::Tensor out = at::empty({batch, tq, heads, kHeadDim}, q.options());
+  // A [B, H, Tq, D] view of the output (kept alive: accessors point into its strides).
   const at::Tensor out_by_head = out.permute({0, 2, 1, 3});
   auto oa = out_by_head.accessor<float, 4>();
   auto qa = q.accessor<float, 4>();
-  auto ka = k.accessor<float, 4>();
-  auto va = v.accessor<float, 4>();
-  std::vector<Head> packed(batch * heads);
-  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      pack_head(ka[i / heads][i % heads], va[i / heads][i % heads], t, keys_padded, packed[i]);
-  });
-  const int64_t tiles = (t + kTile - 1) / kTile;
+  const uint16_t* key_base = bf16_data(keys);
+  const uint16_t* value_base = bf16_data(values);
+  const int64_t tiles = (tq + kTile - 1) / kTile;
   at::parallel_for(0, batch * heads * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint16_t> q_tile(kTile * kHeadDim);
-    std::vector<float> scores(kTile * keys_padded);
-    std::vector<uint16_t> probs(kTile * keys_padded);
+    TileBuffers buf(keys_padded);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t head = task / tiles, tile = task % tiles;
       const int64_t b = head / heads, h = head % heads;
       const int64_t row0 = tile * kTile;
-      attend_tile(qa[b][h], packed[head], t, keys_padded, row0, std::min(kTile, t - row0),
-                  static_cast<float>(scale), q_tile, scores, probs, oa[b][h]);
+      attend_tile(qa[b][h], key_base + head * keys_padded * kHeadDim,
+                  value_base + head * keys_padded * kHeadDim, t, keys_padded, row0,
+                  std::min(kTile, tq - row0), static_cast<float>(scale), buf, oa[b][h]);
     }
   });
-  return out.view({batch, t, heads * kHeadDim});
+  return out.view({batch, tq, heads * kHeadDim});
 }
 
 }  // namespace
@@ -231,13 +272,27 @@ extern "C" int asr_attention_bf16_supported() {
              : 0;
 }
 
-extern "C" at::Tensor* asr_attention_bf16(at::Tensor* q, at::Tensor* k, at::Tensor* v,
-                                          double scale) {
+template <typename F>
+at::Tensor* guarded(const char* name, F&& f) {
   try {
     if (!asr_attention_bf16_supported()) throw std::runtime_error("the CPU lacks AVX512-BF16");
-    return new at::Tensor(attention(*q, *k, *v, scale));
+    return new at::Tensor(f());
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "asr_attention_bf16: %s\n", e.what());
+    std::fprintf(stderr, "%s: %s\n", name, e.what());
     return nullptr;
   }
+}
+
+extern "C" at::Tensor* asr_attention_bf16_pack_keys(at::Tensor* k) {
+  return guarded("asr_attention_bf16_pack_keys", [&] { return pack_keys(*k); });
+}
+
+extern "C" at::Tensor* asr_attention_bf16_pack_values(at::Tensor* v) {
+  return guarded("asr_attention_bf16_pack_values", [&] { return pack_values(*v); });
+}
+
+extern "C" at::Tensor* asr_attention_bf16_packed(at::Tensor* q, at::Tensor* keys,
+                                                 at::Tensor* values, int64_t t, double scale) {
+  return guarded("asr_attention_bf16_packed",
+                 [&] { return attend_packed(*q, *keys, *values, t, scale); });
 }

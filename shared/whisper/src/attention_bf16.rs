@@ -1,12 +1,15 @@
-//! The encoder's self-attention in bfloat16 products on CPUs with AVX512-BF16
-//! (csrc/attention_bf16.cpp), for int8 inference.
+//! Attention in bfloat16 products on CPUs with AVX512-BF16 (csrc/attention_bf16.cpp), for
+//! int8 inference: the encoder's self-attention and the decoder's cross-attention.
 //!
 //! On such a CPU libtorch's flash kernel still computes in float32 (its bfloat16 path was no
 //! faster here), about 29 ms of a whisper-base encoder layer's 65 ms on 2 cores. This kernel
 //! multiplies q k^T and p v as bfloat16 dot products accumulated in float32, with the softmax
-//! in float32. An ATen bfloat16 matmul would round the scores themselves to bfloat16, an
-//! error of about 0.1 on a logit of 30; here only the inputs of each product are rounded, as
-//! the int8 linears around it round theirs. The fp32 precision keeps libtorch's kernel.
+//! in float32: 14 ms. An ATen bfloat16 matmul would round the scores themselves to bfloat16,
+//! an error of about 0.1 on a logit of 30; here only the inputs of each product are rounded,
+//! as the int8 linears around it round theirs. A decoding step is bound by reading the cross-
+//! attention's keys and values (at batch 8, 6 x 49 MB in float32 for whisper-base): packed
+//! once per window in bfloat16, each step reads half. The fp32 precision keeps libtorch's
+//! kernels.
 
 use std::sync::OnceLock;
 
@@ -15,12 +18,18 @@ use tch::{Device, Kind, Tensor};
 extern "C" {
     /// csrc/attention_bf16.cpp: whether this CPU runs the kernel.
     fn asr_attention_bf16_supported() -> i32;
-    /// csrc/attention_bf16.cpp: `softmax(q k^T * scale) v` for f32 `[B, H, T, 64]` inputs
-    /// (any strides) as f32 `[B, T, H * 64]`, or null (the error on stderr).
-    fn asr_attention_bf16(
+    /// csrc/attention_bf16.cpp: f32 keys `[B, H, T, 64]` packed for the kernel, or null.
+    fn asr_attention_bf16_pack_keys(k: *mut torch_sys::C_tensor) -> *mut torch_sys::C_tensor;
+    /// csrc/attention_bf16.cpp: f32 values `[B, H, T, 64]` packed for the kernel, or null.
+    fn asr_attention_bf16_pack_values(v: *mut torch_sys::C_tensor) -> *mut torch_sys::C_tensor;
+    /// csrc/attention_bf16.cpp: `softmax(q k^T * scale) v` for f32 queries `[B, H, Tq, 64]`
+    /// (any strides) against packed keys and values of `t` positions, as f32
+    /// `[B, Tq, H * 64]`, or null (the error on stderr).
+    fn asr_attention_bf16_packed(
         q: *mut torch_sys::C_tensor,
-        k: *mut torch_sys::C_tensor,
-        v: *mut torch_sys::C_tensor,
+        keys: *mut torch_sys::C_tensor,
+        values: *mut torch_sys::C_tensor,
+        t: i64,
         scale: f64,
     ) -> *mut torch_sys::C_tensor;
 }
@@ -35,36 +44,90 @@ pub fn supported() -> bool {
     *SUPPORTED.get_or_init(|| unsafe { asr_attention_bf16_supported() } == 1)
 }
 
-/// Whether [`attend`] takes these inputs: float32 on the CPU, head size 64, no gradient.
-pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    let size = q.size();
+/// Whether `x` is what the kernel takes: `[B, H, T, 64]` float32 on the CPU, no gradient.
+fn takes(x: &Tensor) -> bool {
+    let size = x.size();
     size.len() == 4
         && size[3] == HEAD_DIM
-        && k.size() == size
-        && v.size() == size
-        && [q, k, v]
-            .iter()
-            .all(|t| t.device() == Device::Cpu && t.kind() == Kind::Float && !t.requires_grad())
+        && x.device() == Device::Cpu
+        && x.kind() == Kind::Float
+        && !x.requires_grad()
 }
 
-/// `softmax(q k^T / sqrt(64)) v` over `[B, H, T, 64]` inputs, as `[B, T, H * 64]` (the heads
-/// merged, ready for the output projection). `None` where the CPU or the inputs do not allow
-/// it (see [`supported`], [`applies`]) or libtorch refused.
+/// Keys and values `[B, H, T, 64]` in the kernel's bfloat16 layout (half the bytes of f32,
+/// T padded to 64): a decoder's cross-attention packs its encoder keys/values once per
+/// window, and each step reads half as much.
+#[derive(Debug)]
+pub struct PackedKv {
+    keys: Tensor,
+    values: Tensor,
+    /// Positions (T, without the padding).
+    len: i64,
+    heads: i64,
+}
+
+impl PackedKv {
+    /// `None` where the CPU or the inputs do not allow it (see [`supported`]; float32 on the
+    /// CPU, head size 64, no gradient, one shape) or libtorch refused.
+    pub fn pack(k: &Tensor, v: &Tensor) -> Option<Self> {
+        if !supported() || !takes(k) || !takes(v) || k.size() != v.size() {
+            return None;
+        }
+        let size = k.size();
+        // SAFETY: live tensors for the calls; each result is a new heap tensor or null.
+        let (keys, values) = unsafe {
+            let keys = asr_attention_bf16_pack_keys(k.as_ptr() as *mut _);
+            let values = asr_attention_bf16_pack_values(v.as_ptr() as *mut _);
+            let keys = (!keys.is_null()).then(|| Tensor::from_ptr(keys));
+            let values = (!values.is_null()).then(|| Tensor::from_ptr(values));
+            (keys?, values?)
+        };
+        Some(Self {
+            keys,
+            values,
+            len: size[2],
+            heads: size[1],
+        })
+    }
+
+    /// Rows `indices` of the batch (beam reordering, finished rows leaving).
+    pub fn select(&self, indices: &Tensor) -> Self {
+        Self {
+            keys: self.keys.index_select(0, indices),
+            values: self.values.index_select(0, indices),
+            len: self.len,
+            heads: self.heads,
+        }
+    }
+
+    /// `softmax(q k^T / sqrt(64)) v` for queries `[B, H, Tq, 64]` (this batch and heads), as
+    /// `[B, Tq, H * 64]` (the heads merged, ready for the output projection); `None` for
+    /// queries the kernel does not take or libtorch refused.
+    pub fn attend(&self, q: &Tensor) -> Option<Tensor> {
+        let size = q.size();
+        let batch = self.keys.size()[0];
+        if !takes(q) || size[0] != batch || size[1] != self.heads {
+            return None;
+        }
+        let scale = (HEAD_DIM as f64).powf(-0.5);
+        // SAFETY: live tensors for the call; the result is a new heap tensor or null.
+        unsafe {
+            let out = asr_attention_bf16_packed(
+                q.as_ptr() as *mut _,
+                self.keys.as_ptr() as *mut _,
+                self.values.as_ptr() as *mut _,
+                self.len,
+                scale,
+            );
+            (!out.is_null()).then(|| Tensor::from_ptr(out))
+        }
+    }
+}
+
+/// `softmax(q k^T / sqrt(64)) v` over `[B, H, T, 64]` inputs, as `[B, T, H * 64]`: the
+/// encoder's self-attention. `None` where the CPU or the inputs do not allow it.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Tensor> {
-    if !supported() || !applies(q, k, v) {
-        return None;
-    }
-    let scale = (HEAD_DIM as f64).powf(-0.5);
-    // SAFETY: live tensors for the call; the result is a new heap tensor or null.
-    unsafe {
-        let out = asr_attention_bf16(
-            q.as_ptr() as *mut _,
-            k.as_ptr() as *mut _,
-            v.as_ptr() as *mut _,
-            scale,
-        );
-        (!out.is_null()).then(|| Tensor::from_ptr(out))
-    }
+    PackedKv::pack(k, v)?.attend(q)
 }
 
 #[cfg(test)]
@@ -104,6 +167,36 @@ mod tests {
                 "b {b} h {h} t {t}: max abs error {err}, relative {rel}"
             );
         }
+    }
+
+    /// A decoder's cross-attention: keys/values packed once, then single queries (and a
+    /// 4-token prompt) attend to them, also after rows are selected as beam search does.
+    #[test]
+    fn packed_keys_values_serve_decoding_steps() {
+        if !supported() {
+            eprintln!("skipped: this CPU lacks AVX512-BF16");
+            return;
+        }
+        tch::manual_seed(9);
+        let (b, h, t) = (3, 8, 1500);
+        let make = |len| Tensor::randn([b, len, h, HEAD_DIM], (Kind::Float, Device::Cpu)).transpose(1, 2);
+        let (k, v) = (make(t).contiguous(), make(t).contiguous());
+        let packed = PackedKv::pack(&k, &v).expect("packed");
+        for queries in [1, 4] {
+            let q = make(queries) * 1.5;
+            let err = (packed.attend(&q).expect("kernel ran") - reference(&q, &k, &v))
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(err < 0.05, "{queries} queries: max abs error {err}");
+        }
+        let rows = Tensor::from_slice(&[2i64, 0]);
+        let q = Tensor::randn([2, h, 1, HEAD_DIM], (Kind::Float, Device::Cpu));
+        let selected = packed.select(&rows).attend(&q).expect("kernel ran");
+        let want = reference(&q, &k.index_select(0, &rows), &v.index_select(0, &rows));
+        let err = (selected - want).abs().max().double_value(&[]);
+        assert!(err < 0.05, "selected rows: max abs error {err}");
+        assert!(packed.attend(&q).is_none(), "a batch of another size");
     }
 
     #[test]

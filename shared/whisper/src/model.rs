@@ -9,6 +9,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::WhisperConfig;
 use crate::kv_cache::GrowingKv;
+use crate::attention_bf16::PackedKv;
 use crate::linear::{add_in_place_without_grad, bias_site, tensor_bytes, LayerNorm, Linear};
 use crate::lora::{Adapter, LinearSite};
 use crate::weights::{OutputProjection, Weights};
@@ -134,6 +135,17 @@ impl Attention {
         };
         self.out_proj
             .forward(&out.transpose(1, 2).contiguous().view([b, t, d]))
+    }
+
+    /// [`Self::attend`] without a mask to keys/values packed for the bfloat16 kernel (a
+    /// decoder's cross-attention).
+    fn attend_packed(&self, xs: &Tensor, packed: &PackedKv) -> Tensor {
+        let q = self.split_heads(&self.q_proj.forward(xs));
+        // The cache packs only what the kernel takes, and queries follow the same rules.
+        let out = packed
+            .attend(&q)
+            .expect("the bf16 attention kernel takes the queries of its own cache");
+        self.out_proj.forward(&out)
     }
 }
 
@@ -395,10 +407,13 @@ impl DecoderLayer {
         };
         let xs = xs + attn;
         let h = self.encoder_attn_layer_norm.forward(&xs);
-        let xs = &xs
-            + self
-                .encoder_attn
-                .attend(&h, &cache.cross_k, &cache.cross_v, None, false);
+        let cross = match &cache.cross {
+            CrossKv::Float { keys, values } => {
+                self.encoder_attn.attend(&h, keys, values, None, false)
+            }
+            CrossKv::Bf16(packed) => self.encoder_attn.attend_packed(&h, packed),
+        };
+        let xs = &xs + cross;
         let h = feed_forward(&self.final_layer_norm, &self.fc1, &self.fc2, &xs);
         xs + h
     }
@@ -427,8 +442,28 @@ fn causal_mask_with_past(new_tokens: i64, past: i64, like: &Tensor) -> Tensor {
 #[derive(Debug)]
 pub struct LayerCache {
     self_kv: Option<GrowingKv>,
-    cross_k: Tensor,
-    cross_v: Tensor,
+    cross: CrossKv,
+}
+
+/// A decoder layer's cross-attention keys/values, computed once per window.
+#[derive(Debug)]
+enum CrossKv {
+    /// `[B, H, S, hd]`, contiguous.
+    Float { keys: Tensor, values: Tensor },
+    /// In the bfloat16 kernel's layout (see [`Decoder::set_bf16_cross_attention`]).
+    Bf16(PackedKv),
+}
+
+impl CrossKv {
+    fn select(&self, indices: &Tensor) -> Self {
+        match self {
+            CrossKv::Float { keys, values } => CrossKv::Float {
+                keys: keys.index_select(0, indices),
+                values: values.index_select(0, indices),
+            },
+            CrossKv::Bf16(packed) => CrossKv::Bf16(packed.select(indices)),
+        }
+    }
 }
 
 /// The decoder state of a batch of sequences: self-attention KV cache and the cross-attention
@@ -451,8 +486,7 @@ impl DecoderCache {
             if let Some(kv) = &mut layer.self_kv {
                 kv.select(indices);
             }
-            layer.cross_k = layer.cross_k.index_select(0, indices);
-            layer.cross_v = layer.cross_v.index_select(0, indices);
+            layer.cross = layer.cross.select(indices);
         }
     }
 }
@@ -466,6 +500,9 @@ pub struct Decoder {
     embed_positions: Tensor,
     layers: Vec<DecoderLayer>,
     layer_norm: LayerNorm,
+    /// New caches pack their cross-attention keys/values for the bfloat16 kernel where it
+    /// applies (see [`Self::set_bf16_cross_attention`]).
+    bf16_cross_attention: bool,
 }
 
 impl Decoder {
@@ -493,7 +530,15 @@ impl Decoder {
                 .map(|i| DecoderLayer::load(weights, &format!("model.decoder.layers.{i}"), config))
                 .collect::<anyhow::Result<_>>()?,
             layer_norm: LayerNorm::load(weights, "model.decoder.layer_norm", d)?,
+            bf16_cross_attention: false,
         })
+    }
+
+    /// Caches made from now on hold their cross-attention keys/values in the layout of
+    /// [`crate::attention_bf16`] (half the bytes each step reads) where the kernel applies:
+    /// float32 on a CPU with AVX512-BF16, no gradient (a training pass keeps float32).
+    pub fn set_bf16_cross_attention(&mut self, on: bool) {
+        self.bf16_cross_attention = on;
     }
 
     fn weight_bytes(&self) -> i64 {
@@ -519,13 +564,23 @@ impl Decoder {
             .layers
             .iter()
             .map(|layer| {
-                let (cross_k, cross_v) = layer.encoder_attn.keys_values(encoder_out);
+                let (keys, values) = layer.encoder_attn.keys_values(encoder_out);
+                let packed = self
+                    .bf16_cross_attention
+                    .then(|| PackedKv::pack(&keys, &values))
+                    .flatten();
                 // Contiguous heads: attention over the transposed views copies them at
                 // every step (at batch 8 that was half of a decoder step on the CPU).
+                let cross = packed.map_or_else(
+                    || CrossKv::Float {
+                        keys: keys.contiguous(),
+                        values: values.contiguous(),
+                    },
+                    CrossKv::Bf16,
+                );
                 LayerCache {
                     self_kv: None,
-                    cross_k: cross_k.contiguous(),
-                    cross_v: cross_v.contiguous(),
+                    cross,
                 }
             })
             .collect();
@@ -663,13 +718,15 @@ impl Whisper {
     }
 
     /// Inference in bfloat16 products where float32 would run on the CPU: the encoder's
-    /// self-attention through [`crate::attention_bf16`] and the float part of large int8
+    /// self-attention and the decoder's cross-attention through [`crate::attention_bf16`],
+    /// and the float part of large int8
     /// products (see [`Linear::set_bf16_float_part`]). A pass that needs gradients keeps
     /// float32.
     pub fn set_cpu_bf16(&mut self, on: bool) {
         for layer in &mut self.encoder.layers {
             layer.self_attn.bf16_kernel = on;
         }
+        self.decoder.set_bf16_cross_attention(on);
         for linear in self.linears_mut() {
             linear.set_bf16_float_part(on);
         }
