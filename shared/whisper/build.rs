@@ -1,8 +1,8 @@
 //! Links the crate's binaries to the venv's libtorch and compiles the C++ autograd Function
 //! that carries gradients through int8 linear layers (csrc/int8_grad.cpp) and the fused CPU
 //! passes of the int8 linear (csrc/int8_quant.cpp), and fbgemm's int8 GEMM for CPUs without
-//! AVX512-VNNI (csrc/int8_fbgemm.cpp), and the encoder's bf16 attention for CPUs with
-//! AVX512-BF16 (csrc/attention_bf16.cpp).
+//! AVX512-VNNI (csrc/int8_fbgemm.cpp), and the bf16 attention and logits kernels for CPUs
+//! with AVX512-BF16 (csrc/bf16_kernels.cpp).
 
 fn main() {
     build_support::link_libtorch_rpath();
@@ -10,7 +10,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/int8_quant.cpp");
     println!("cargo:rerun-if-changed=csrc/int8_gemm.cpp");
     println!("cargo:rerun-if-changed=csrc/int8_fbgemm.cpp");
-    println!("cargo:rerun-if-changed=csrc/attention_bf16.cpp");
+    println!("cargo:rerun-if-changed=csrc/bf16_kernels.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Some(libtorch) = std::env::var_os("LIBTORCH").map(std::path::PathBuf::from) else {
@@ -52,10 +52,10 @@ fn main() {
         .warnings(false)
         .compile("asr_int8_fbgemm");
 
-    // The bf16 attention kernel splits its query tiles over the same OpenMP threads.
+    // The bf16 kernels split their tiles over the same OpenMP threads.
     cc::Build::new()
         .cpp(true)
-        .file("csrc/attention_bf16.cpp")
+        .file("csrc/bf16_kernels.cpp")
         .opt_level(3)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
@@ -65,7 +65,7 @@ fn main() {
         .flag_if_supported("-Wno-deprecated-declarations")
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .warnings(false)
-        .compile("asr_attention_bf16");
+        .compile("asr_bf16_kernels");
     let lib = libtorch.join("lib");
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib:+verbatim=libgomp.so.1");

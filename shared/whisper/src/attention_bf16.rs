@@ -1,4 +1,4 @@
-//! Attention in bfloat16 products on CPUs with AVX512-BF16 (csrc/attention_bf16.cpp), for
+//! Attention in bfloat16 products on CPUs with AVX512-BF16 (csrc/bf16_kernels.cpp), for
 //! int8 inference: the encoder's self-attention and the decoder's cross-attention.
 //!
 //! On such a CPU libtorch's flash kernel still computes in float32 (its bfloat16 path was no
@@ -16,13 +16,13 @@ use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 
 extern "C" {
-    /// csrc/attention_bf16.cpp: whether this CPU runs the kernel.
+    /// csrc/bf16_kernels.cpp: whether this CPU runs the kernel.
     fn asr_attention_bf16_supported() -> i32;
-    /// csrc/attention_bf16.cpp: f32 keys `[B, H, T, 64]` packed for the kernel, or null.
+    /// csrc/bf16_kernels.cpp: f32 keys `[B, H, T, 64]` packed for the kernel, or null.
     fn asr_attention_bf16_pack_keys(k: *mut torch_sys::C_tensor) -> *mut torch_sys::C_tensor;
-    /// csrc/attention_bf16.cpp: f32 values `[B, H, T, 64]` packed for the kernel, or null.
+    /// csrc/bf16_kernels.cpp: f32 values `[B, H, T, 64]` packed for the kernel, or null.
     fn asr_attention_bf16_pack_values(v: *mut torch_sys::C_tensor) -> *mut torch_sys::C_tensor;
-    /// csrc/attention_bf16.cpp: `softmax(q k^T * scale) v` for f32 queries `[B, H, Tq, 64]`
+    /// csrc/bf16_kernels.cpp: `softmax(q k^T * scale) v` for f32 queries `[B, H, Tq, 64]`
     /// (any strides) against packed keys and values of `t` positions, as f32
     /// `[B, Tq, H * 64]`, or null (the error on stderr).
     fn asr_attention_bf16_packed(
@@ -179,7 +179,8 @@ mod tests {
         }
         tch::manual_seed(9);
         let (b, h, t) = (3, 8, 1500);
-        let make = |len| Tensor::randn([b, len, h, HEAD_DIM], (Kind::Float, Device::Cpu)).transpose(1, 2);
+        let make =
+            |len| Tensor::randn([b, len, h, HEAD_DIM], (Kind::Float, Device::Cpu)).transpose(1, 2);
         let (k, v) = (make(t).contiguous(), make(t).contiguous());
         let packed = PackedKv::pack(&k, &v).expect("packed");
         for queries in [1, 4] {

@@ -3,7 +3,8 @@
 //! - [`config`]: the HF `config.json` of every Whisper size;
 //! - [`weights`]: named tensors of an HF safetensors directory;
 //! - [`linear`], [`model`]: the network (HF names and layout), no I/O; [`attention_bf16`]:
-//!   the encoder's self-attention in bfloat16 products on CPUs with AVX512-BF16;
+//!   attention in bfloat16 products on CPUs with AVX512-BF16; [`projection_bf16`]: the
+//!   logits projection there;
 //! - [`dataset`], [`feature_cache`]: JSONL manifests and Common Voice releases; features
 //!   computed once, content-addressed on disk;
 //! - [`labels`]: training labels and decoder inputs as the recipe's collator makes them;
@@ -44,6 +45,7 @@ pub mod lora_combine;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod projection_bf16;
 pub mod sampling;
 pub mod timestamps;
 pub mod tokenizer;

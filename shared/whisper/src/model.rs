@@ -7,11 +7,12 @@
 
 use tch::{Kind, Tensor};
 
+use crate::attention_bf16::PackedKv;
 use crate::config::WhisperConfig;
 use crate::kv_cache::GrowingKv;
-use crate::attention_bf16::PackedKv;
 use crate::linear::{add_in_place_without_grad, bias_site, tensor_bytes, LayerNorm, Linear};
 use crate::lora::{Adapter, LinearSite};
+use crate::projection_bf16::PackedProjection;
 use crate::weights::{OutputProjection, Weights};
 
 /// Multi-head attention (HF `WhisperAttention`): q/v/out projections with bias, k without.
@@ -497,6 +498,9 @@ pub struct Decoder {
     embed_tokens: Tensor,
     /// The logits projection when it is not `embed_tokens` itself (tied).
     proj_out: Option<Linear>,
+    /// The bfloat16 projection in the kernel's layout, where the CPU has AVX512-BF16 (it
+    /// then stands for `proj_out`).
+    packed_proj_out: Option<PackedProjection>,
     embed_positions: Tensor,
     layers: Vec<DecoderLayer>,
     layer_norm: LayerNorm,
@@ -512,8 +516,13 @@ impl Decoder {
             "model.decoder.embed_tokens.weight",
             &[config.vocab_size as i64, d],
         )?;
+        let packed_proj_out = match weights.output_projection() {
+            OutputProjection::BFloat16 => PackedProjection::pack(&embed_tokens),
+            _ => None,
+        };
         let proj_out = match weights.output_projection() {
             OutputProjection::Tied => None,
+            OutputProjection::BFloat16 if packed_proj_out.is_some() => None,
             OutputProjection::BFloat16 => {
                 Some(Linear::float_from(&embed_tokens.to_kind(Kind::BFloat16)))
             }
@@ -522,6 +531,7 @@ impl Decoder {
         Ok(Self {
             embed_tokens,
             proj_out,
+            packed_proj_out,
             embed_positions: weights.take(
                 "model.decoder.embed_positions.weight",
                 &[config.max_target_positions as i64, d],
@@ -543,7 +553,7 @@ impl Decoder {
 
     fn weight_bytes(&self) -> i64 {
         tensor_bytes(&self.embed_tokens)
-            + self.proj_out.as_ref().map_or(0, Linear::weight_bytes)
+            + self.output_projection_bytes()
             + tensor_bytes(&self.embed_positions)
             + self
                 .layers
@@ -556,6 +566,10 @@ impl Decoder {
     /// Bytes of the separate logits projection (0 when it is the tied embedding).
     pub fn output_projection_bytes(&self) -> i64 {
         self.proj_out.as_ref().map_or(0, Linear::weight_bytes)
+            + self
+                .packed_proj_out
+                .as_ref()
+                .map_or(0, PackedProjection::bytes)
     }
 
     /// A fresh cache for `encoder_out` (`[B, 1500, D]`): cross-attention keys/values once.
@@ -597,6 +611,9 @@ impl Decoder {
         }
         cache.offset += new_tokens;
         let xs = self.layer_norm.forward(&xs);
+        if let Some(projection) = &self.packed_proj_out {
+            return projection.forward(&xs);
+        }
         match &self.proj_out {
             Some(proj) => proj.forward(&xs).to_kind(xs.kind()),
             None => xs.matmul(&self.embed_tokens.tr()),

@@ -263,6 +263,106 @@ at::Tensor attend_packed(const at::Tensor& q, const at::Tensor& keys, const at::
   return out.view({batch, tq, heads * kHeadDim});
 }
 
+// --- The logits projection: y [M, N] = x [M, K] . W^T, W [N, K] held packed in bf16. ---
+
+// W [N, K] (any float kind) -> bf16 [Np/16, K/2, 16, 2], Np = N rounded up to 16, zero rows
+// past N.
+at::Tensor pack_projection(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.size(1) % 2 == 0, "weight must be [N, K] with K even");
+  const at::Tensor wf = w.to(at::kFloat).contiguous();
+  const int64_t n = wf.size(0), k = wf.size(1), pairs = k / 2;
+  const int64_t blocks = (n + 15) / 16;
+  at::Tensor packed = at::zeros({blocks, pairs, 16, 2}, wf.options().dtype(at::kBFloat16));
+  const float* src = wf.data_ptr<float>();
+  uint16_t* dst = bf16_data(packed);
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      for (int64_t c = 0; c < 16 && b * 16 + c < n; ++c) {
+        const float* row = src + (b * 16 + c) * k;
+        uint16_t* out = dst + b * pairs * 32 + c * 2;
+        for (int64_t p = 0; p < pairs; ++p) {
+          out[p * 32] = to_bf16(row[2 * p]);
+          out[p * 32 + 1] = to_bf16(row[2 * p + 1]);
+        }
+      }
+  });
+  return packed;
+}
+
+// out[r][b * 16 + c] = x[r] . w[b * 16 + c] for R rows and B column blocks.
+template <int R, int B>
+ASR_BF16_TARGET inline void projection_step(const uint16_t* x, int64_t pairs,
+                                            const uint16_t* blocks, float* out,
+                                            int64_t out_stride) {
+  __m512 acc[R][B];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh wv[B];
+    for (int b = 0; b < B; ++b)
+      wv[b] = (__m512bh)_mm512_loadu_si512(blocks + b * pairs * 32 + p * 32);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = broadcast_pair(x + r * pairs * 2 + 2 * p);
+      for (int b = 0; b < B; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], xv, wv[b]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) _mm512_storeu_ps(out + r * out_stride + b * 16, acc[r][b]);
+}
+
+// Column blocks per task: 64 x 16 columns x K=512 bf16 = 1 MB of W, reused from L2 by every
+// row group.
+constexpr int64_t kProjectionChunk = 64;
+
+// x: f32 [M, K]; returns f32 [M, N].
+template <int R, int B>
+ASR_BF16_TARGET at::Tensor project_with(const at::Tensor& x, const at::Tensor& packed,
+                                        int64_t n) {
+  const int64_t m = x.size(0), k = x.size(1), pairs = k / 2;
+  const int64_t blocks = packed.size(0);
+  const int64_t rows_padded = round_up(m, R);
+  const int64_t cols_padded = round_up(blocks, B) * 16;
+  std::vector<uint16_t> xb(rows_padded * k, 0);
+  const at::Tensor xc = x.contiguous();
+  const float* xs = xc.data_ptr<float>();
+  for (int64_t i = 0; i < m * k; ++i) xb[i] = to_bf16(xs[i]);
+  // Padded columns and rows land in a scratch output and are cut off.
+  at::Tensor out = at::empty({rows_padded, cols_padded}, x.options());
+  float* y = out.data_ptr<float>();
+  const uint16_t* w = bf16_data(packed);
+  const int64_t chunks = (blocks + kProjectionChunk - 1) / kProjectionChunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t first = chunk * kProjectionChunk;
+      const int64_t last = std::min(blocks, first + kProjectionChunk);
+      for (int64_t r = 0; r < rows_padded; r += R)
+        for (int64_t b = first; b < last; b += B) {
+          if (b + B <= blocks) {
+            projection_step<R, B>(xb.data() + r * k, pairs, w + b * pairs * 32,
+                                  y + r * cols_padded + b * 16, cols_padded);
+          } else {
+            for (int64_t one = b; one < blocks; ++one)
+              projection_step<R, 1>(xb.data() + r * k, pairs, w + one * pairs * 32,
+                                    y + r * cols_padded + one * 16, cols_padded);
+          }
+        }
+    }
+  });
+  // A view: rows stride over the padded columns (no copy of the logits).
+  return out.narrow(0, 0, m).narrow(1, 0, n);
+}
+
+at::Tensor project(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "input must be float32 [M, K] on the CPU");
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kBFloat16 &&
+                  packed.is_contiguous() && packed.size(1) * 2 == x.size(1) &&
+                  packed.size(0) == (n + 15) / 16,
+              "packed weight does not match the input");
+  // A decoding step's few rows: 4 rows x 4 blocks; more rows: 8 x 2.
+  return x.size(0) <= 4 ? project_with<4, 4>(x, packed, n) : project_with<8, 2>(x, packed, n);
+}
+
 }  // namespace
 
 extern "C" int asr_attention_bf16_supported() {
@@ -295,4 +395,12 @@ extern "C" at::Tensor* asr_attention_bf16_packed(at::Tensor* q, at::Tensor* keys
                                                  at::Tensor* values, int64_t t, double scale) {
   return guarded("asr_attention_bf16_packed",
                  [&] { return attend_packed(*q, *keys, *values, t, scale); });
+}
+
+extern "C" at::Tensor* asr_projection_bf16_pack(at::Tensor* w) {
+  return guarded("asr_projection_bf16_pack", [&] { return pack_projection(*w); });
+}
+
+extern "C" at::Tensor* asr_projection_bf16(at::Tensor* x, at::Tensor* packed, int64_t n) {
+  return guarded("asr_projection_bf16", [&] { return project(*x, *packed, n); });
 }
