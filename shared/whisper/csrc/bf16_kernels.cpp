@@ -13,6 +13,7 @@
 // Queries and probabilities are row-major, a pair broadcast as one 32-bit word.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -404,3 +405,6 @@ extern "C" at::Tensor* asr_projection_bf16_pack(at::Tensor* w) {
 extern "C" at::Tensor* asr_projection_bf16(at::Tensor* x, at::Tensor* packed, int64_t n) {
   return guarded("asr_projection_bf16", [&] { return project(*x, *packed, n); });
 }
+
+// Whether autograd records operations on this thread (tch has no query for it).
+extern "C" int asr_grad_mode_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }

@@ -18,6 +18,8 @@ use tch::{Device, Kind, Tensor};
 extern "C" {
     /// csrc/bf16_kernels.cpp: whether this CPU runs the kernel.
     fn asr_attention_bf16_supported() -> i32;
+    /// csrc/bf16_kernels.cpp: whether autograd records operations on this thread.
+    fn asr_grad_mode_enabled() -> i32;
     /// csrc/bf16_kernels.cpp: f32 keys `[B, H, T, 64]` packed for the kernel, or null.
     fn asr_attention_bf16_pack_keys(k: *mut torch_sys::C_tensor) -> *mut torch_sys::C_tensor;
     /// csrc/bf16_kernels.cpp: f32 values `[B, H, T, 64]` packed for the kernel, or null.
@@ -66,10 +68,26 @@ pub struct PackedKv {
     heads: i64,
 }
 
+/// Whether autograd records operations on this thread (outside `tch::no_grad`).
+pub fn grad_mode_enabled() -> bool {
+    // SAFETY: a pure query of libtorch's thread-local autograd state.
+    unsafe { asr_grad_mode_enabled() == 1 }
+}
+
 impl PackedKv {
     /// `None` where the CPU or the inputs do not allow it (see [`supported`]; float32 on the
-    /// CPU, head size 64, no gradient, one shape) or libtorch refused.
+    /// CPU, head size 64, no gradient, one shape), while autograd records (a training pass:
+    /// its queries will need gradients the kernel does not give), or libtorch refused.
     pub fn pack(k: &Tensor, v: &Tensor) -> Option<Self> {
+        if grad_mode_enabled() {
+            return None;
+        }
+        Self::pack_for_one_pass(k, v)
+    }
+
+    /// [`Self::pack`] for queries at hand that need no gradient, whatever autograd's mode
+    /// (the encoder's self-attention packs and attends in one call).
+    fn pack_for_one_pass(k: &Tensor, v: &Tensor) -> Option<Self> {
         if !supported() || !takes(k) || !takes(v) || k.size() != v.size() {
             return None;
         }
@@ -127,7 +145,10 @@ impl PackedKv {
 /// `softmax(q k^T / sqrt(64)) v` over `[B, H, T, 64]` inputs, as `[B, T, H * 64]`: the
 /// encoder's self-attention. `None` where the CPU or the inputs do not allow it.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Tensor> {
-    PackedKv::pack(k, v)?.attend(q)
+    if !takes(q) {
+        return None;
+    }
+    PackedKv::pack_for_one_pass(k, v)?.attend(q)
 }
 
 #[cfg(test)]
@@ -182,6 +203,11 @@ mod tests {
         let make =
             |len| Tensor::randn([b, len, h, HEAD_DIM], (Kind::Float, Device::Cpu)).transpose(1, 2);
         let (k, v) = (make(t).contiguous(), make(t).contiguous());
+        assert!(
+            PackedKv::pack(&k, &v).is_none(),
+            "autograd records: a cache for training stays float32"
+        );
+        let _guard = tch::no_grad_guard();
         let packed = PackedKv::pack(&k, &v).expect("packed");
         for queries in [1, 4] {
             let q = make(queries) * 1.5;

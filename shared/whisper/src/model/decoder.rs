@@ -283,7 +283,12 @@ impl Decoder {
         cache.offset += new_tokens;
         let xs = self.layer_norm.forward(&xs);
         if let Some(projection) = &self.packed_proj_out {
-            return projection.forward(&xs);
+            // The kernel gives no gradient: a pass that needs one goes through the tied
+            // float32 embedding it was made from.
+            if !xs.requires_grad() {
+                return projection.forward(&xs);
+            }
+            return xs.matmul(&self.embed_tokens.tr());
         }
         match &self.proj_out {
             Some(proj) => proj.forward(&xs).to_kind(xs.kind()),
