@@ -35,26 +35,13 @@ fn main() {
         .warnings(false)
         .compile("asr_int8_grad");
 
-    // fbgemm's GEMM runs its blocks on libtorch's OpenMP threads (csrc/int8_fbgemm.cpp): this
-    // file alone is compiled with -fopenmp and linked to the wheel's own libgomp, the runtime
-    // libtorch_cpu already loads, so one OpenMP runtime serves both.
+    // fbgemm's GEMM (csrc/int8_fbgemm.cpp) and the bf16 kernels (csrc/bf16_kernels.cpp) run
+    // their blocks on libtorch's OpenMP threads: these files alone are compiled with -fopenmp
+    // and linked to the wheel's own libgomp, the runtime libtorch_cpu already loads, so one
+    // OpenMP runtime serves all.
     cc::Build::new()
         .cpp(true)
         .file("csrc/int8_fbgemm.cpp")
-        .opt_level(3)
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag("-fopenmp")
-        .flag_if_supported("-Wno-unused-parameter")
-        .flag_if_supported("-Wno-deprecated-declarations")
-        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
-        .warnings(false)
-        .compile("asr_int8_fbgemm");
-
-    // The bf16 kernels split their tiles over the same OpenMP threads.
-    cc::Build::new()
-        .cpp(true)
         .file("csrc/bf16_kernels.cpp")
         .opt_level(3)
         .include(&include)
@@ -65,7 +52,7 @@ fn main() {
         .flag_if_supported("-Wno-deprecated-declarations")
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .warnings(false)
-        .compile("asr_bf16_kernels");
+        .compile("asr_openmp_kernels");
     let lib = libtorch.join("lib");
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib:+verbatim=libgomp.so.1");
