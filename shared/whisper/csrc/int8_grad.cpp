@@ -1,7 +1,7 @@
 // Gradients through the frozen int8 linear layers, so that LoRA adapters below an int8 layer
 // train. The int8 forward (dynamic activation quantisation, int8 GEMM, float outlier columns)
 // runs in Rust without autograd; this Function passes its output through and, in backward,
-// returns dL/dx = (dL/dy * scale) @ q^T, the gradient of the dequantised weight (as
+// returns dL/dx = dL/dy @ (q * scale)^T, the gradient of the dequantised weight (as
 // bitsandbytes' int8 matmul does). The weight itself gets no gradient: it is frozen.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -18,7 +18,10 @@ struct Int8LinearGrad : public torch::autograd::Function<Int8LinearGrad> {
                                const at::Tensor& scale) {
     ctx->save_for_backward({q_t, scale});
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
-    return y.clone();
+    // An input returned as it is becomes a view of it with this node as its gradient
+    // function: no copy of the activations (y was computed without autograd, nothing else
+    // holds it for a gradient).
+    return y;
   }
 
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
@@ -27,8 +30,10 @@ struct Int8LinearGrad : public torch::autograd::Function<Int8LinearGrad> {
     const auto& q_t = saved[0];
     const auto& scale = saved[1];
     auto dtype = static_cast<c10::ScalarType>(ctx->saved_data["x_dtype"].toInt());
-    auto grad = grad_outputs[0].to(at::kFloat) * scale;
-    auto grad_x = grad.matmul(q_t.to(at::kFloat).t()).to(dtype);
+    // The scale goes into the weight ([in, out], the small side) rather than into the
+    // gradient ([rows, out]): one pass over the weight instead of one over the activations.
+    auto weight = q_t.to(at::kFloat).mul_(scale);
+    auto grad_x = grad_outputs[0].to(at::kFloat).contiguous().matmul(weight.t()).to(dtype);
     return {grad_x, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

@@ -42,6 +42,7 @@ pub mod linear;
 pub mod longform;
 pub mod lora;
 pub mod lora_combine;
+pub mod lora_dropout;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -138,7 +138,7 @@ impl LoraLayer {
         let xs = xs.to_kind(Kind::Float);
         let train = self.training.load(Ordering::Relaxed);
         let xs = if train && self.dropout > 0.0 {
-            xs.dropout(self.dropout, true)
+            crate::lora_dropout::dropout(&xs, self.dropout)
         } else {
             xs
         };

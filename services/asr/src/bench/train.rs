@@ -1,7 +1,7 @@
 //! `asr bench train`: the recipe's learning, ours against HF PEFT on the same machine in one
 //! run. Whisper-base with LoRA r=4/alpha 64/dropout 0.05 on q_proj,v_proj, one epoch over the
 //! espeak-ng training split, batch 4 without accumulation, lr 1e-3; ours on the int8 base
-//! (`asr train --local`, mixed precision auto), PEFT on the fp32 model with Seq2SeqTrainer
+//! (`asr train --local`, mixed precision auto unless `--mixed-precision` lists others), PEFT on the fp32 model with Seq2SeqTrainer
 //! (`tests/reference/peft_train.py`). Each runs in its own process so that its peak RSS is
 //! its own. Reported: training samples/s, peak RSS, greedy CER on the test split before and
 //! after, and the AISHELL clips' transcripts before and after.
@@ -37,6 +37,9 @@ pub struct TrainBenchArgs {
     epochs: usize,
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Our training's `--mixed-precision`, one run of ours for each (e.g. `auto,bf16`).
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    mixed_precision: Vec<String>,
     #[arg(long, default_value = ".venv/bin/python")]
     python: PathBuf,
     /// Where runs are written (default: a temporary directory).
@@ -114,13 +117,15 @@ fn ours(
     args: &TrainBenchArgs,
     work: &Path,
     extra: &[PathBuf],
+    mixed_precision: &str,
 ) -> anyhow::Result<(Outcome, String)> {
     let exe = std::env::current_exe()?;
-    let output = work.join("ours");
+    let output = work.join(format!("ours-{mixed_precision}"));
     let mut command = Command::new(&exe);
     command
         .env("OMP_NUM_THREADS", args.threads.to_string())
         .args(["train", "--local", "--eval-cer", "--grad-accum", "1"])
+        .args(["--mixed-precision", mixed_precision])
         .args(["--batch-size", "4", "--logging-steps", "25"])
         .args(["--epochs", &args.epochs.to_string()])
         .arg("--train")
@@ -198,7 +203,11 @@ pub fn run_bench(args: TrainBenchArgs) -> anyhow::Result<()> {
         .len()
         .min(args.max_test.unwrap_or(usize::MAX));
 
-    let (ours, mixed_precision) = ours(&args, &work, &extra)?;
+    let mut runs = Vec::new();
+    for mixed_precision in &args.mixed_precision {
+        let (outcome, resolved) = ours(&args, &work, &extra, mixed_precision)?;
+        runs.push((format!("ours int8 base, {resolved} products"), outcome));
+    }
     let peft = peft(&args, &extra)?;
 
     println!();
@@ -210,10 +219,8 @@ pub fn run_bench(args: TrainBenchArgs) -> anyhow::Result<()> {
         "{:<34} {:>10} {:>12} {:>11} {:>10}",
         "engine", "samples/s", "peak RSS MB", "CER before", "CER after"
     );
-    for (name, o) in [
-        (format!("ours int8 base, {mixed_precision} products"), &ours),
-        ("HF PEFT fp32 (Seq2SeqTrainer)".to_string(), &peft),
-    ] {
+    let peft_row = ("HF PEFT fp32 (Seq2SeqTrainer)".to_string(), peft);
+    for (name, o) in runs.iter().chain([&peft_row]) {
         println!(
             "{name:<34} {:>10.3} {:>12.0} {:>10.2}% {:>9.2}%",
             o.samples_per_second,
@@ -222,28 +229,36 @@ pub fn run_bench(args: TrainBenchArgs) -> anyhow::Result<()> {
             o.cer_after * 100.0
         );
     }
-    println!(
-        "samples/s ours / PEFT: {:.2}x (goal >= 1.5x)",
-        ours.samples_per_second / peft.samples_per_second
-    );
-    println!(
-        "peak RSS ours / PEFT:  {:.2} (goal < 1)",
-        ours.peak_rss_bytes as f64 / peft.peak_rss_bytes as f64
-    );
-    println!(
-        "CER after, ours - PEFT: {:+.2} points (goal <= 0)",
-        (ours.cer_after - peft.cer_after) * 100.0
-    );
+    let peft = &peft_row.1;
+    for (name, ours) in &runs {
+        println!("{name}:");
+        println!(
+            "  samples/s ours / PEFT: {:.2}x (goal >= 1.5x)",
+            ours.samples_per_second / peft.samples_per_second
+        );
+        println!(
+            "  peak RSS ours / PEFT:  {:.2} (goal < 1)",
+            ours.peak_rss_bytes as f64 / peft.peak_rss_bytes as f64
+        );
+        println!(
+            "  CER after, ours - PEFT: {:+.2} points (goal <= 0)",
+            (ours.cer_after - peft.cer_after) * 100.0
+        );
+    }
     for (i, entry) in extra_entries.iter().enumerate() {
         let name = entry
             .audio
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         println!("{name} reference:   {}", entry.text);
-        for (side, o) in [("ours", &ours), ("PEFT", &peft)] {
+        let sides = runs
+            .iter()
+            .map(|(name, o)| (name.as_str(), o))
+            .chain([("HF PEFT", peft)]);
+        for (side, o) in sides {
             let at = |texts: &[String]| texts.get(i).cloned().unwrap_or_default();
             println!(
-                "  {side:<5} before: {}\n  {side:<5} after:  {}",
+                "  {side}\n    before: {}\n    after:  {}",
                 at(&o.extra_before).trim(),
                 at(&o.extra_after).trim()
             );

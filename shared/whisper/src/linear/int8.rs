@@ -460,7 +460,7 @@ extern "C" {
         col_scale: *mut torch_sys::C_tensor,
     ) -> *mut torch_sys::C_tensor;
 
-    /// csrc/int8_grad.cpp: `y` passed through, with dL/dx = (dL/dy * scale) @ q^T.
+    /// csrc/int8_grad.cpp: `y` passed through, with dL/dx = dL/dy @ (q * scale)^T.
     fn asr_int8_linear_grad(
         x: *mut torch_sys::C_tensor,
         y: *mut torch_sys::C_tensor,

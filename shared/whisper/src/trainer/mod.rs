@@ -310,11 +310,11 @@ impl<'a> Trainer<'a> {
             for (k, batch) in window.iter().enumerate() {
                 // Dropout masks from the position alone, so that a resumed run draws the same.
                 let micro = (window_index * self.config.grad_accum + k) as i64;
-                tch::manual_seed(
-                    (self.config.seed as i64)
-                        .wrapping_mul(1_000_003)
-                        .wrapping_add(epoch as i64 * 1_000_000 + micro),
-                );
+                let key = (self.config.seed as i64)
+                    .wrapping_mul(1_000_003)
+                    .wrapping_add(epoch as i64 * 1_000_000 + micro);
+                tch::manual_seed(key);
+                crate::lora_dropout::seed_dropout(key as u64);
                 let loss = self.micro_batch_loss(examples, batch, device)?;
                 let loss_scale = self.state.scaler.as_ref().map_or(1.0, |s| s.scale);
                 (&loss * (loss_scale / window.len() as f64)).backward();
