@@ -11,6 +11,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/int8_gemm.cpp");
     println!("cargo:rerun-if-changed=csrc/int8_fbgemm.cpp");
     println!("cargo:rerun-if-changed=csrc/bf16_kernels.cpp");
+    println!("cargo:rerun-if-changed=csrc/attention_bf16_train.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Some(libtorch) = std::env::var_os("LIBTORCH").map(std::path::PathBuf::from) else {
@@ -43,6 +44,7 @@ fn main() {
         .cpp(true)
         .file("csrc/int8_fbgemm.cpp")
         .file("csrc/bf16_kernels.cpp")
+        .file("csrc/attention_bf16_train.cpp")
         .opt_level(3)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))

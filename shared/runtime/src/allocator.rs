@@ -43,6 +43,24 @@ pub fn keep_large_blocks() -> bool {
     apply()
 }
 
+/// Optimiser steps between [`release_free_memory`] calls in training. On a float32 run of
+/// whisper-base: peak RSS 3.8 GB after 14 steps trimming every step (8% slower steps, the freed
+/// pages faulting in again), 3.9 GB after 16 every 4th (about 3% slower), 4.9 GB after 24 every
+/// 8th; without trimming 4.8 GB after 12 and 10.6 GB after the epoch.
+pub const TRAINING_TRIM_INTERVAL: i64 = 4;
+
+/// Hands the heaps' free pages back to the kernel (glibc's `malloc_trim`). Training calls it
+/// every [`TRAINING_TRIM_INTERVAL`] optimiser steps: with [`keep_large_blocks`] a step's
+/// activations come from the heap, and the free space between them, its pattern a little
+/// different each step, otherwise grew a float32 run on whisper-base by 50-150 MB a step.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory; glibc serialises it with allocations.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn apply() -> bool {
     // SAFETY: mallopt only changes malloc's thresholds; it is called before the threads that
