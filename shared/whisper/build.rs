@@ -12,6 +12,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/int8_fbgemm.cpp");
     println!("cargo:rerun-if-changed=csrc/bf16_kernels.cpp");
     println!("cargo:rerun-if-changed=csrc/attention_bf16_train.cpp");
+    println!("cargo:rerun-if-changed=csrc/bf16_common.h");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Some(libtorch) = std::env::var_os("LIBTORCH").map(std::path::PathBuf::from) else {

@@ -15,6 +15,8 @@
 #include <immintrin.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "bf16_common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -24,38 +26,13 @@
 
 namespace {
 
+using namespace asr_bf16;
+
 constexpr int64_t kDim = 64;   // head dimension (every Whisper size)
 constexpr int64_t kTile = 32;  // query rows per tile
 
-#define ASR_TRAIN_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-inline uint16_t to_bf16(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
-  bits += 0x7FFF + ((bits >> 16) & 1);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-ASR_TRAIN_TARGET inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  __m512 t = _mm512_mul_ps(x, log2e);
-  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // C[4 x 64] (+)= A[4 x 2K'] B for B packed [K'][n][2] starting at column `col`.
-ASR_TRAIN_TARGET inline void micro_4x64(const uint16_t* a, int64_t lda, const uint16_t* b,
+ASR_BF16_TARGET inline void micro_4x64(const uint16_t* a, int64_t lda, const uint16_t* b,
                                         int64_t n, int64_t pairs, float* c, int64_t ldc,
                                         bool accumulate) {
   __m512 acc[4][4];
@@ -67,9 +44,7 @@ ASR_TRAIN_TARGET inline void micro_4x64(const uint16_t* a, int64_t lda, const ui
     for (int g = 0; g < 4; ++g)
       bv[g] = (__m512bh)_mm512_loadu_si512(b + (p * n + g * 16) * 2);
     for (int r = 0; r < 4; ++r) {
-      uint32_t word;
-      std::memcpy(&word, a + r * lda + 2 * p, 4);
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
+      const __m512bh av = broadcast_pair(a + r * lda + 2 * p);
       for (int g = 0; g < 4; ++g) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], av, bv[g]);
     }
   }
@@ -79,7 +54,7 @@ ASR_TRAIN_TARGET inline void micro_4x64(const uint16_t* a, int64_t lda, const ui
 
 // C[m x n] (+)= A[m x k] B: A bf16 row-major (row stride lda), B packed [k/2][n][2], C f32
 // (row stride ldc); m a multiple of 4, n of 64, k even.
-ASR_TRAIN_TARGET void gemm(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t n,
+ASR_BF16_TARGET void gemm(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t n,
                            int64_t k, float* c, int64_t ldc, int64_t m, bool accumulate) {
   for (int64_t r = 0; r < m; r += 4)
     for (int64_t col = 0; col < n; col += 64)
@@ -123,7 +98,7 @@ void check(const at::Tensor& x, const char* name) {
 }
 
 // Scores of one tile (rows `rows` of q from `row0`) against all keys, in buf.scores.
-ASR_TRAIN_TARGET void tile_scores(Head q, int64_t row0, int64_t rows, int64_t tp,
+ASR_BF16_TARGET void tile_scores(Head q, int64_t row0, int64_t rows, int64_t tp,
                                   HeadBuffers& buf) {
   for (int64_t r = 0; r < kTile; ++r)
     for (int64_t d = 0; d < kDim; ++d)
@@ -134,7 +109,7 @@ ASR_TRAIN_TARGET void tile_scores(Head q, int64_t row0, int64_t rows, int64_t tp
 
 // Probabilities exp(s * scale - lse) of the tile's first `t` keys into buf.scores (f32) and
 // buf.probs (bf16), zero past `t` and for rows past `rows`.
-ASR_TRAIN_TARGET void tile_probs(const float* lse, int64_t rows, int64_t t, int64_t tp,
+ASR_BF16_TARGET void tile_probs(const float* lse, int64_t rows, int64_t t, int64_t tp,
                                  float scale, HeadBuffers& buf) {
   const int64_t full = t / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (t - full)) - 1);
@@ -161,7 +136,7 @@ void transpose_tile(const std::vector<uint16_t>& src, int64_t tp, std::vector<ui
 }
 
 // Forward of one head: out rows (through `o`) and the rows' log-sum-exp of scaled scores.
-ASR_TRAIN_TARGET void forward_head(Head q, Head k, Head v, Head o, float* lse, int64_t t,
+ASR_BF16_TARGET void forward_head(Head q, Head k, Head v, Head o, float* lse, int64_t t,
                                    float scale, HeadBuffers& buf) {
   const int64_t tp = round_up(t, 64);
   pack_pairs([&](int64_t d, int64_t j) { return k[j][d]; }, kDim, kDim, t, tp,
@@ -201,7 +176,7 @@ ASR_TRAIN_TARGET void forward_head(Head q, Head k, Head v, Head o, float* lse, i
 
 // Backward of one head: dq rows, dk and dv (through the accessors) from dO and the forward's
 // output and log-sum-exp.
-ASR_TRAIN_TARGET void backward_head(Head q, Head k, Head v, Head o, Head dout, const float* lse,
+ASR_BF16_TARGET void backward_head(Head q, Head k, Head v, Head o, Head dout, const float* lse,
                                     Head dq, Head dk, Head dv, int64_t t, float scale,
                                     HeadBuffers& buf) {
   const int64_t tp = round_up(t, 64);
@@ -337,8 +312,7 @@ struct AttentionBf16 : public torch::autograd::Function<AttentionBf16> {
 extern "C" at::Tensor* asr_attention_bf16_train(at::Tensor* q, at::Tensor* k, at::Tensor* v,
                                                 double scale) {
   try {
-    if (!(__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")))
+    if (!asr_bf16::cpu_supported())
       throw std::runtime_error("the CPU lacks AVX512-BF16");
     return new at::Tensor(AttentionBf16::apply(*q, *k, *v, scale));
   } catch (const std::exception& e) {
