@@ -1,6 +1,7 @@
 //! LoRA adapters against HF PEFT at test time, on a tiny random Whisper built by transformers:
 //! an adapter saved here loads in PEFT and gives the same logits as ours (fp32, within 1e-4),
-//! and an adapter made and saved by PEFT loads here and gives PEFT's logits.
+//! and an adapter made and saved by PEFT loads here and gives PEFT's logits. A seed gives
+//! PEFT's initial adapter and HF Trainer's data order.
 
 use std::path::Path;
 
@@ -935,5 +936,59 @@ fn combined_adapters_match_peft_add_weighted_adapter() {
             worst < 1e-6,
             "{name}: tensors differ from PEFT's by {worst}"
         );
+    }
+}
+
+/// Seed for seed, a fresh adapter holds the A that PEFT draws (`torch.manual_seed` then
+/// `get_peft_model`), on every targeted layer in HF's module order, and B is zero.
+#[test]
+fn a_seed_initialises_the_adapter_as_peft_does() {
+    let _rng = rng_lock();
+    let mut f = Fixture::new();
+    let peft_dir = f.path("peft-init");
+    run_reference(
+        "peft_lora.py",
+        &["init", &f.path("model"), &peft_dir],
+        Some(
+            r#"{"seed": 11, "r": 4, "lora_alpha": 64, "target_modules": ["q_proj", "v_proj", "fc1"]}"#,
+        ),
+    );
+    let sites = f.model.linear_sites();
+    let theirs = Adapter::load_peft(Path::new(&peft_dir), &sites, Device::Cpu).expect("load");
+    tch::manual_seed(11);
+    let config = LoraConfig {
+        target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into(), "fc1".into()]),
+        ..Default::default()
+    };
+    let ours = Adapter::init(config, &sites, Device::Cpu).expect("init");
+    assert_eq!(
+        ours.layers.keys().collect::<Vec<_>>(),
+        theirs.layers.keys().collect::<Vec<_>>()
+    );
+    for (name, weights) in &ours.layers {
+        let peft = &theirs.layers[name];
+        assert_eq!(
+            max_abs(&weights.a, &peft.a),
+            0.0,
+            "{name}: A differs from PEFT's"
+        );
+        assert_eq!(max_abs(&weights.b, &peft.b), 0.0, "{name}: B is not zero");
+    }
+    println!(
+        "{} layers: A identical to PEFT's for seed 11",
+        ours.layers.len()
+    );
+}
+
+/// The trainer visits the examples in HF Trainer's order for the same seed, epoch by epoch.
+#[test]
+fn epochs_visit_examples_in_hf_trainers_order() {
+    let _rng = rng_lock();
+    let printed = run_reference("peft_lora.py", &["order", "600", "42", "3"], None);
+    let hf: Vec<Vec<usize>> = serde_json::from_str(printed.trim()).expect("orders");
+    assert_eq!(hf.len(), 3);
+    for (epoch, theirs) in hf.iter().enumerate() {
+        let ours = asr_whisper::trainer::epoch_order(600, 42, epoch).expect("order");
+        assert_eq!(&ours, theirs, "epoch {epoch}");
     }
 }

@@ -9,6 +9,12 @@ usage:
       makes a PEFT LoRA adapter (LoraConfig from the JSON: r, lora_alpha, target_modules,
       bias) with random non-zero A, B and biases (seed 5), prints PEFT's trainable-parameter
       line and saves it with save_pretrained. An optional "seed" (default 5) varies the values.
+  peft_lora.py init MODEL_DIR ADAPTER_DIR < config.json
+      torch.manual_seed(config "seed"), then the model and get_peft_model as the recipe does
+      (LoraConfig from the JSON, lora_dropout included); saves the fresh adapter untouched.
+  peft_lora.py order N SEED EPOCHS
+      prints, as JSON, the order in which HF's Trainer (seed SEED, batch 4) visits N examples
+      in each of EPOCHS epochs.
   peft_lora.py combine MODEL_DIR OUT_DIR TYPE DIR:WEIGHT...
       loads each adapter directory, combines them with add_weighted_adapter (combination_type
       TYPE: linear or cat) and saves the result with save_pretrained to OUT_DIR/merged.
@@ -16,6 +22,7 @@ usage:
 import json
 import os
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -49,6 +56,36 @@ def make(model_dir, adapter_dir):
     model.save_pretrained(adapter_dir)
 
 
+def init(model_dir, adapter_dir):
+    spec = json.load(sys.stdin)
+    torch.manual_seed(spec["seed"])
+    model = WhisperForConditionalGeneration.from_pretrained(model_dir, torch_dtype=torch.float32)
+    config = LoraConfig(r=spec["r"], lora_alpha=spec["lora_alpha"], target_modules=spec["target_modules"],
+                        lora_dropout=spec.get("lora_dropout", 0.05), bias="none")
+    get_peft_model(model, config).save_pretrained(adapter_dir)
+
+
+def order(n, seed, epochs):
+    from transformers import Trainer, TrainingArguments
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(1, 1)
+
+    examples = [{"index": torch.tensor([i])} for i in range(int(n))]
+    orders = []
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, use_cpu=True,
+                                 seed=int(seed), report_to=[], remove_unused_columns=False,
+                                 dataloader_num_workers=0)
+        loader = Trainer(model=Probe(), args=args, train_dataset=examples).get_train_dataloader()
+        for epoch in range(int(epochs)):
+            loader.set_epoch(epoch)  # as the Trainer's loop does at each epoch
+            orders.append([int(i) for batch in loader for i in batch["index"].flatten()])
+    print(json.dumps(orders))
+
+
 def combine(model_dir, out_dir, combination, *inputs):
     model = WhisperForConditionalGeneration.from_pretrained(model_dir, torch_dtype=torch.float32)
     names, weights = [], []
@@ -70,6 +107,10 @@ def main():
         apply(*sys.argv[2:6])
     elif sys.argv[1] == "make":
         make(*sys.argv[2:4])
+    elif sys.argv[1] == "init":
+        init(*sys.argv[2:4])
+    elif sys.argv[1] == "order":
+        order(*sys.argv[2:5])
     elif sys.argv[1] == "combine":
         combine(*sys.argv[2:])
     else:

@@ -275,7 +275,6 @@ pub fn run(lora: &LoraArgs, args: &RecipeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--local needs --train DATA and --output DIR");
     };
     let device = parse_device(&args.device)?;
-    tch::manual_seed(args.seed as i64);
     let mut loaded = LoadedModel::load(
         &args.model,
         LoadOptions {
@@ -391,6 +390,8 @@ pub fn run(lora: &LoraArgs, args: &RecipeArgs) -> anyhow::Result<()> {
         "--max-guard-regression compares with the zero-shot pass: drop --no-baseline-eval"
     );
 
+    // Seeded just before, as PEFT after `set_seed`: the same seed gives PEFT's initial adapter.
+    tch::manual_seed(args.seed as i64);
     let adapter = Adapter::init(lora.config(), &loaded.model.linear_sites(), device)?;
     let generation_eval = eval_cer.then(|| GenerationEval {
         generation: &loaded.generation,

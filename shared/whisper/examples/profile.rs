@@ -12,7 +12,12 @@ fn main() -> anyhow::Result<()> {
     } else {
         Precision::Int8
     };
-    tch::set_num_threads(2);
+    tch::set_num_threads(
+        std::env::var("ASR_THREADS")
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(2),
+    );
     let mut m = LoadedModel::load(
         &dir,
         LoadOptions {

@@ -160,6 +160,7 @@ pub struct Adapter {
 impl Adapter {
     /// A fresh adapter for the layers of `sites` that `config` targets: A kaiming-uniform
     /// (a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))), B zeros, as PEFT initialises them.
+    /// After `tch::manual_seed(s)`, A holds what PEFT draws after `torch.manual_seed(s)`.
     pub fn init(config: LoraConfig, sites: &[LinearSite], device: Device) -> anyhow::Result<Self> {
         config.validate()?;
         let mut layers = BTreeMap::new();
@@ -168,8 +169,16 @@ impl Adapter {
             let targeted = !site.bias_only && config.target_modules.matches(&site.name);
             if targeted {
                 let bound = 1.0 / (site.in_dim as f64).sqrt();
-                let a = Tensor::empty([config.r, site.in_dim], (Kind::Float, device))
+                // PEFT builds A and B as nn.Linear on the CPU, whose default initialisation
+                // draws from the generator, and then re-draws A: drawing the same keeps a
+                // seed's A identical to PEFT's for that seed (sites come in HF's module order).
+                let cpu = (Kind::Float, Device::Cpu);
+                let _ = Tensor::empty([config.r, site.in_dim], cpu).uniform_(-bound, bound);
+                let b_bound = 1.0 / (config.r as f64).sqrt();
+                let _ = Tensor::empty([site.out_dim, config.r], cpu).uniform_(-b_bound, b_bound);
+                let a = Tensor::empty([config.r, site.in_dim], cpu)
                     .uniform_(-bound, bound)
+                    .to_device(device)
                     .set_requires_grad(true);
                 let b = Tensor::zeros([site.out_dim, config.r], (Kind::Float, device))
                     .set_requires_grad(true);

@@ -61,11 +61,13 @@ impl Attention {
         })
     }
 
+    /// In HF's registration order (k, v, q, out), which is the order PEFT adds and
+    /// initialises adapters in.
     fn linears_mut(&mut self) -> [&mut Linear; 4] {
         [
-            &mut self.q_proj,
             &mut self.k_proj,
             &mut self.v_proj,
+            &mut self.q_proj,
             &mut self.out_proj,
         ]
     }

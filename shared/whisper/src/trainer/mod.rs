@@ -1,12 +1,14 @@
 //! The recipe's training loop, with the Seq2SeqTrainer semantics it relies on: epochs over a
-//! seeded shuffle, micro-batches accumulated into optimiser steps (the last, shorter window of
-//! an epoch steps too), global-norm clipping, AdamW on a linear schedule, a step log (loss, lr,
-//! grad norm), and checkpoints (adapter in PEFT's layout, optimiser state, trainer state) from
-//! which a resumed run continues exactly as an uninterrupted one: the data order and the
-//! dropout masks derive from the seed and the position alone.
+//! seeded shuffle (HF Trainer's order for the seed), micro-batches accumulated into optimiser
+//! steps (the last, shorter window of an epoch steps too), global-norm clipping, AdamW on a
+//! linear schedule, a step log (loss, lr, grad norm), and checkpoints (adapter in PEFT's
+//! layout, optimiser state, trainer state) from which a resumed run continues exactly as an
+//! uninterrupted one: the data order and the dropout masks derive from the seed and the
+//! position alone.
 //!
-//! The dropout masks come from libtorch's process-wide generator, reseeded at every
-//! micro-batch: that exactness holds while one training runs in the process at a time.
+//! The data order (and, on CUDA, the dropout masks) come from libtorch's process-wide
+//! generator, reseeded at every epoch and micro-batch: that exactness holds while one
+//! training runs in the process at a time.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -291,7 +293,7 @@ impl<'a> Trainer<'a> {
             return Ok(Progress::Complete);
         }
         let epoch = self.state.epochs_done;
-        let order = shuffled(examples.len(), self.config.seed ^ (epoch as u64 + 1));
+        let order = epoch_order(examples.len(), self.config.seed, epoch)?;
         let batches: Vec<&[usize]> = order.chunks(self.config.batch_size).collect();
         let device = self.model.encoder.device();
         if self.state.windows_done == 0 {
@@ -489,23 +491,17 @@ impl<'a> Trainer<'a> {
     }
 }
 
-/// A permutation of `0..n` from `seed` (SplitMix64 driving Fisher-Yates): the same on every
-/// machine and run.
-pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
-    let mut state = seed;
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    let mut order: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = (next() % (i as u64 + 1)) as usize;
-        order.swap(i, j);
-    }
-    order
+/// The order in which epoch `epoch` visits `n` examples: HF Trainer's, so that a seed visits
+/// the clips as the notebook does. accelerate's seedable sampler draws `torch.randperm(n)`
+/// from a generator seeded with `seed + epoch`; this draws it from libtorch's process-wide
+/// generator, seeded the same (training reseeds that generator at every micro-batch anyway).
+pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> anyhow::Result<Vec<usize>> {
+    tch::manual_seed(seed.wrapping_add(epoch as u64) as i64);
+    let order = Tensor::randperm(n as i64, (Kind::Int64, Device::Cpu));
+    Ok(Vec::<i64>::try_from(&order)?
+        .into_iter()
+        .map(|i| i as usize)
+        .collect())
 }
 
 #[cfg(test)]
@@ -513,12 +509,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shuffles_are_permutations_fixed_by_the_seed() {
-        let a = shuffled(10, 7);
+    fn epoch_orders_are_permutations_fixed_by_seed_and_epoch() {
+        let order = |seed, epoch| epoch_order(10, seed, epoch).expect("order");
+        let a = order(7, 0);
         let mut sorted = a.clone();
         sorted.sort_unstable();
         assert_eq!(sorted, (0..10).collect::<Vec<_>>());
-        assert_eq!(a, shuffled(10, 7));
-        assert_ne!(a, shuffled(10, 8));
+        assert_eq!(a, order(7, 0));
+        assert_ne!(a, order(7, 1));
+        assert_eq!(order(7, 1), order(8, 0));
     }
 }
