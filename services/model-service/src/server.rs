@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use asr_proto::v1 as pb;
 use asr_whisper::Precision as CorePrecision;
@@ -12,8 +11,7 @@ use futures::Stream;
 use pb::model_service_server::{ModelService, ModelServiceServer};
 use tch::Device;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::{ModelServiceConfig, Precision};
@@ -21,15 +19,18 @@ use crate::datasets::DatasetStore;
 use crate::device;
 use crate::engine::{Engine, EngineConfig, EngineState};
 use crate::error::ModelError;
-use crate::ingest::{self, IngestContext, Ingesting, LabelChecker};
-use crate::options::{ModelFacts, StreamOptions, MAX_BEAM_SIZE};
+use crate::ingest::{Ingesting, LabelChecker};
+use crate::options::MAX_BEAM_SIZE;
 use crate::registry::{validate_name, Registry};
-use crate::training::{check_inputs, JobSpec, Jobs, Runner};
-use crate::transcribe::{self, AdapterUse, StreamContext};
+use crate::training::{Jobs, Runner};
 use asr_runtime::metrics::Registry as Metrics;
 use asr_runtime::trace_context::request_span;
-use asr_whisper::lora_combine::Combination;
 use tracing::Instrument;
+
+mod adapters_rpc;
+mod datasets_rpc;
+mod training_rpc;
+mod transcribe_rpc;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 type RpcResult<T> = Result<Response<T>, Status>;
@@ -259,85 +260,6 @@ impl ModelServer {
         info.loaded = self.engine.as_ref().is_some_and(|e| e.is_loaded(name));
         Ok(info)
     }
-
-    async fn start_transcribe(
-        &self,
-        request: Request<Streaming<pb::TranscribeFramesRequest>>,
-    ) -> Result<ResponseStream<pb::TranscribeResponse>, ModelError> {
-        let started = Instant::now();
-        let engine = self.engine()?.clone();
-        let model = engine.ready()?;
-        let permit =
-            self.streams
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| ModelError::LimitReached {
-                    limit: "max_concurrent_streams",
-                    value: self.config.max_concurrent_streams.to_string(),
-                    hint: "too many Transcribe streams; retry later",
-                })?;
-        let mut inbound = request.into_inner();
-        let config = match inbound.message().await.map_err(ModelError::ClientStream)? {
-            Some(pb::TranscribeFramesRequest {
-                payload: Some(pb::transcribe_frames_request::Payload::Config(config)),
-            }) => config,
-            Some(_) => return Err(ModelError::ConfigNotFirst),
-            None => return Err(ModelError::MissingConfig),
-        };
-        let n_mels = if config.n_mels == 0 {
-            80
-        } else {
-            config.n_mels as usize
-        };
-        if n_mels != model.n_mels {
-            return Err(ModelError::invalid(
-                "config.n_mels",
-                format!("{n_mels}: this model takes {} mel bins", model.n_mels),
-            ));
-        }
-        let options = StreamOptions::from_proto(
-            config.options,
-            &ModelFacts {
-                languages: &model.languages,
-                vocab_size: model.vocab_size,
-            },
-        )?;
-        let adapter_use = match &options.adapter {
-            Some(choice) => {
-                // A bad reference in the request, not the resource the RPC acts on: the
-                // field is named, as for any other option.
-                if !self.registry.exists(&choice.name) {
-                    return Err(ModelError::invalid(
-                        "config.options.adapter",
-                        format!("{:?} is not in the registry (ListAdapters)", choice.name),
-                    ));
-                }
-                if !engine.is_loaded(&choice.name) {
-                    return Err(ModelError::FailedPrecondition(format!(
-                        "adapter {:?} is not loaded (LoadAdapter first)",
-                        choice.name
-                    )));
-                }
-                Some(AdapterUse::new(self.adapter_users.clone(), &choice.name))
-            }
-            None => None,
-        };
-        let context = StreamContext {
-            engine,
-            model,
-            options,
-            precision: self.weight_precision(),
-            max_audio_seconds: self.config.max_audio_seconds,
-            windows_in_flight: self.config.windows_in_flight,
-            started,
-            metrics: self.metrics.clone(),
-            _permit: permit,
-            _adapter_use: adapter_use,
-        };
-        let (events, responses) = mpsc::channel(EVENTS_BUFFERED);
-        tokio::spawn(transcribe::run(context, inbound, events).in_current_span());
-        Ok(Box::pin(ReceiverStream::new(responses)))
-    }
 }
 
 /// A List request's page size: 0 = 100, at most 1000.
@@ -376,7 +298,7 @@ impl ModelService for ModelServer {
         );
         let deadline = asr_runtime::deadline::of(request.metadata());
         let result: RpcResult<Self::TranscribeStream> = async {
-            let stream = self.start_transcribe(request).await?;
+            let stream = transcribe_rpc::start(self, request).await?;
             Ok(Response::new(asr_runtime::deadline::until(
                 stream, deadline,
             )))
@@ -444,27 +366,7 @@ impl ModelService for ModelServer {
         &self,
         request: Request<Streaming<pb::IngestExamplesRequest>>,
     ) -> RpcResult<Self::IngestExamplesStream> {
-        let result: RpcResult<Self::IngestExamplesStream> = async {
-            let engine = self.engine()?;
-            let model = engine.ready()?;
-            let labels = self.labels.clone().ok_or(ModelError::NoModel)?;
-            let context = IngestContext {
-                store: self.datasets.clone(),
-                model,
-                labels: labels.clone(),
-                ingesting: self.ingesting.clone(),
-                max_dataset_examples: self.config.max_dataset_examples,
-            };
-            let deadline = asr_runtime::deadline::of(request.metadata());
-            let mut inbound = request.into_inner();
-            let (split, guard) = ingest::open(&context, &mut inbound).await?;
-            let (acks, responses) = mpsc::channel(EVENTS_BUFFERED);
-            tokio::spawn(ingest::run(labels, split, guard, inbound, acks));
-            let stream: Self::IngestExamplesStream =
-                asr_runtime::deadline::until(Box::pin(ReceiverStream::new(responses)), deadline);
-            Ok(Response::new(stream))
-        }
-        .await;
+        let result = datasets_rpc::ingest_examples(self, request).await;
         self.count_request("IngestExamples", &result);
         result
     }
@@ -473,47 +375,13 @@ impl ModelService for ModelServer {
         &self,
         request: Request<pb::ListDatasetsRequest>,
     ) -> RpcResult<pb::ListDatasetsResponse> {
-        let result: RpcResult<pb::ListDatasetsResponse> = async {
-            let request = request.into_inner();
-            let page_size = page_size(request.page_size);
-            if !request.page_token.is_empty() {
-                validate_name(&request.page_token, "page_token")?;
-            }
-            let store = self.datasets.clone();
-            let token = request.page_token.clone();
-            let mut datasets =
-                tokio::task::spawn_blocking(move || -> Result<Vec<pb::Dataset>, ModelError> {
-                    store
-                        .names()?
-                        .into_iter()
-                        .filter(|n| token.is_empty() || *n > token)
-                        .take(page_size + 1)
-                        .map(|n| store.get(&n).map(|d| d.to_proto()))
-                        .collect()
-                })
-                .await
-                .map_err(ModelError::internal)??;
-            let next_page_token = trim_page(&mut datasets, page_size, |d| d.name.clone());
-            Ok(Response::new(pb::ListDatasetsResponse {
-                datasets,
-                next_page_token,
-            }))
-        }
-        .await;
+        let result = datasets_rpc::list_datasets(self, request).await;
         self.count_request("ListDatasets", &result);
         result
     }
 
     async fn get_dataset(&self, request: Request<pb::GetDatasetRequest>) -> RpcResult<pb::Dataset> {
-        let result: RpcResult<pb::Dataset> = async {
-            let name = request.into_inner().name;
-            let store = self.datasets.clone();
-            let dataset = tokio::task::spawn_blocking(move || store.get(&name))
-                .await
-                .map_err(ModelError::internal)??;
-            Ok(Response::new(dataset.to_proto()))
-        }
-        .await;
+        let result = datasets_rpc::get_dataset(self, request).await;
         self.count_request("GetDataset", &result);
         result
     }
@@ -522,26 +390,7 @@ impl ModelService for ModelServer {
         &self,
         request: Request<pb::DeleteDatasetRequest>,
     ) -> RpcResult<pb::DeleteDatasetResponse> {
-        let result: RpcResult<pb::DeleteDatasetResponse> = async {
-            let name = request.into_inner().name;
-            self.datasets.get(&name)?;
-            if self.ingesting.is_active(&name) {
-                return Err(ModelError::FailedPrecondition(format!(
-                    "dataset {name:?} is being ingested"
-                ))
-                .into());
-            }
-            if self.jobs.as_ref().is_some_and(|j| j.uses_dataset(&name)) {
-                return Err(ModelError::FailedPrecondition(format!(
-                    "dataset {name:?} is used by a queued or running training job"
-                ))
-                .into());
-            }
-            self.datasets.delete(&name)?;
-            tracing::info!(dataset = %name, "dataset deleted");
-            Ok(Response::new(pb::DeleteDatasetResponse {}))
-        }
-        .await;
+        let result = datasets_rpc::delete_dataset(self, request).await;
         self.count_request("DeleteDataset", &result);
         result
     }
@@ -550,32 +399,7 @@ impl ModelService for ModelServer {
         &self,
         request: Request<pb::StartTrainingRequest>,
     ) -> RpcResult<pb::TrainingJob> {
-        let result: RpcResult<pb::TrainingJob> = async {
-            let jobs = self.jobs.as_ref().ok_or(ModelError::NoModel)?;
-            let request = request.into_inner();
-            let spec = JobSpec::from_request(&request)?;
-            let model = self.engine()?.ready()?;
-            check_inputs(&spec, &self.datasets, model.n_mels)?;
-            if !spec.language.is_empty() && !model.languages.contains(&spec.language) {
-                return Err(ModelError::invalid(
-                    "hyperparameters.language",
-                    format!("{:?} is not a language this model knows", spec.language),
-                )
-                .into());
-            }
-            spec.mixed_precision(self.device)?;
-            if self.registry.exists(&spec.output_adapter) {
-                return Err(ModelError::AlreadyExists {
-                    what: "adapter",
-                    name: spec.output_adapter.clone(),
-                }
-                .into());
-            }
-            let job = jobs.start(request)?;
-            tracing::info!(job = %job.id, "training job queued");
-            Ok(Response::new(job))
-        }
-        .await;
+        let result = training_rpc::start_training(self, request).await;
         self.count_request("StartTraining", &result);
         result
     }
@@ -584,17 +408,7 @@ impl ModelService for ModelServer {
         &self,
         request: Request<pb::WatchTrainingRequest>,
     ) -> RpcResult<Self::WatchTrainingStream> {
-        let result: RpcResult<Self::WatchTrainingStream> = async {
-            let jobs = self.jobs.as_ref().ok_or(ModelError::NoModel)?;
-            let deadline = asr_runtime::deadline::of(request.metadata());
-            let request = request.into_inner();
-            let stream: Self::WatchTrainingStream = asr_runtime::deadline::until(
-                Box::pin(jobs.watch(&request.job_id, request.from_event_index)?),
-                deadline,
-            );
-            Ok(Response::new(stream))
-        }
-        .await;
+        let result = training_rpc::watch_training(self, request).await;
         self.count_request("WatchTraining", &result);
         result
     }
@@ -603,36 +417,7 @@ impl ModelService for ModelServer {
         &self,
         request: Request<pb::ListTrainingJobsRequest>,
     ) -> RpcResult<pb::ListTrainingJobsResponse> {
-        let result: RpcResult<pb::ListTrainingJobsResponse> = async {
-            let request = request.into_inner();
-            let Some(jobs) = &self.jobs else {
-                return Ok(Response::new(pb::ListTrainingJobsResponse::default()));
-            };
-            let page_size = page_size(request.page_size);
-            let all = jobs.list(&request.states)?;
-            let start = if request.page_token.is_empty() {
-                0
-            } else {
-                all.iter()
-                    .position(|j| j.id == request.page_token)
-                    .map(|i| i + 1)
-                    .ok_or_else(|| {
-                        ModelError::invalid("page_token", "not a job id of this listing")
-                    })?
-            };
-            let page: Vec<pb::TrainingJob> =
-                all.iter().skip(start).take(page_size).cloned().collect();
-            let next_page_token = if start + page.len() < all.len() {
-                page.last().map(|j| j.id.clone()).unwrap_or_default()
-            } else {
-                String::new()
-            };
-            Ok(Response::new(pb::ListTrainingJobsResponse {
-                jobs: page,
-                next_page_token,
-            }))
-        }
-        .await;
+        let result = training_rpc::list_training_jobs(self, request).await;
         self.count_request("ListTrainingJobs", &result);
         result
     }
@@ -641,11 +426,7 @@ impl ModelService for ModelServer {
         &self,
         request: Request<pb::GetTrainingJobRequest>,
     ) -> RpcResult<pb::TrainingJob> {
-        let result: RpcResult<pb::TrainingJob> = async {
-            let jobs = self.jobs.as_ref().ok_or(ModelError::NoModel)?;
-            Ok(Response::new(jobs.get(&request.into_inner().job_id)?))
-        }
-        .await;
+        let result = training_rpc::get_training_job(self, request).await;
         self.count_request("GetTrainingJob", &result);
         result
     }
@@ -654,14 +435,7 @@ impl ModelService for ModelServer {
         &self,
         request: Request<pb::CancelTrainingRequest>,
     ) -> RpcResult<pb::TrainingJob> {
-        let result: RpcResult<pb::TrainingJob> = async {
-            let jobs = self.jobs.as_ref().ok_or(ModelError::NoModel)?;
-            let id = request.into_inner().job_id;
-            let job = jobs.cancel(&id)?;
-            tracing::info!(job = %id, "training job cancelled");
-            Ok(Response::new(job))
-        }
-        .await;
+        let result = training_rpc::cancel_training(self, request).await;
         self.count_request("CancelTraining", &result);
         result
     }
@@ -670,37 +444,7 @@ impl ModelService for ModelServer {
         &self,
         request: Request<pb::ListAdaptersRequest>,
     ) -> RpcResult<pb::ListAdaptersResponse> {
-        let result: RpcResult<pb::ListAdaptersResponse> = async {
-            let request = request.into_inner();
-            let page_size = page_size(request.page_size);
-            if !request.page_token.is_empty() {
-                validate_name(&request.page_token, "page_token")?;
-            }
-            let loaded = self
-                .engine
-                .as_ref()
-                .map(Engine::loaded_adapters)
-                .unwrap_or_default();
-            let mut adapters: Vec<pb::AdapterInfo> = self
-                .registry
-                .list()?
-                .into_iter()
-                .filter(|a| request.page_token.is_empty() || a.name > request.page_token)
-                .map(|a| {
-                    let mut info = a.info;
-                    info.loaded = loaded.contains(&a.name);
-                    info
-                })
-                .filter(|info| !request.loaded_only || info.loaded)
-                .take(page_size + 1)
-                .collect();
-            let next_page_token = trim_page(&mut adapters, page_size, |a| a.name.clone());
-            Ok(Response::new(pb::ListAdaptersResponse {
-                adapters,
-                next_page_token,
-            }))
-        }
-        .await;
+        let result = adapters_rpc::list_adapters(self, request).await;
         self.count_request("ListAdapters", &result);
         result
     }
@@ -709,12 +453,7 @@ impl ModelService for ModelServer {
         &self,
         request: Request<pb::GetAdapterRequest>,
     ) -> RpcResult<pb::AdapterInfo> {
-        let result: RpcResult<pb::AdapterInfo> = async {
-            Ok(Response::new(
-                self.adapter_info(&request.into_inner().name)?,
-            ))
-        }
-        .await;
+        let result = adapters_rpc::get_adapter(self, request).await;
         self.count_request("GetAdapter", &result);
         result
     }
@@ -723,25 +462,7 @@ impl ModelService for ModelServer {
         &self,
         request: Request<pb::LoadAdapterRequest>,
     ) -> RpcResult<pb::AdapterInfo> {
-        let result: RpcResult<pb::AdapterInfo> = async {
-            let request = request.into_inner();
-            validate_name(&request.name, "name")?;
-            let engine = self.engine()?;
-            engine.ready()?;
-            let stored = if request.source_dir.is_empty() {
-                self.registry.get(&request.name)?
-            } else {
-                let registry = self.registry.clone();
-                let (name, source) = (request.name.clone(), request.source_dir.clone());
-                tokio::task::spawn_blocking(move || registry.import(&name, &source))
-                    .await
-                    .map_err(ModelError::internal)??
-            };
-            engine.load_adapter(&stored.name, stored.dir).await?;
-            tracing::info!(adapter = %request.name, "adapter loaded");
-            Ok(Response::new(self.adapter_info(&request.name)?))
-        }
-        .await;
+        let result = adapters_rpc::load_adapter(self, request).await;
         self.count_request("LoadAdapter", &result);
         result
     }
@@ -750,15 +471,7 @@ impl ModelService for ModelServer {
         &self,
         request: Request<pb::UnloadAdapterRequest>,
     ) -> RpcResult<pb::AdapterInfo> {
-        let result: RpcResult<pb::AdapterInfo> = async {
-            let name = request.into_inner().name;
-            self.registry.get(&name)?;
-            if let Some(engine) = &self.engine {
-                engine.unload_adapter(&name).await?;
-            }
-            Ok(Response::new(self.adapter_info(&name)?))
-        }
-        .await;
+        let result = adapters_rpc::unload_adapter(self, request).await;
         self.count_request("UnloadAdapter", &result);
         result
     }
@@ -767,28 +480,7 @@ impl ModelService for ModelServer {
         &self,
         request: Request<pb::DeleteAdapterRequest>,
     ) -> RpcResult<pb::DeleteAdapterResponse> {
-        let result: RpcResult<pb::DeleteAdapterResponse> = async {
-            let name = request.into_inner().name;
-            self.registry.get(&name)?;
-            let users = self
-                .adapter_users
-                .lock()
-                .map(|u| u.get(&name).copied().unwrap_or(0))
-                .unwrap_or(0);
-            if users > 0 {
-                return Err(ModelError::FailedPrecondition(format!(
-                    "adapter {name:?} is used by {users} Transcribe stream(s)"
-                ))
-                .into());
-            }
-            if let Some(engine) = &self.engine {
-                engine.unload_adapter(&name).await?;
-            }
-            self.registry.delete(&name)?;
-            tracing::info!(adapter = %name, "adapter deleted");
-            Ok(Response::new(pb::DeleteAdapterResponse {}))
-        }
-        .await;
+        let result = adapters_rpc::delete_adapter(self, request).await;
         self.count_request("DeleteAdapter", &result);
         result
     }
@@ -797,42 +489,7 @@ impl ModelService for ModelServer {
         &self,
         request: Request<pb::MergeAdaptersRequest>,
     ) -> RpcResult<pb::AdapterInfo> {
-        let result: RpcResult<pb::AdapterInfo> = async {
-            let request = request.into_inner();
-            let engine = self.engine()?;
-            let (inputs, base_model) = Self::merge_inputs(&self.registry, &request)?;
-            let combination = match pb::AdapterCombination::try_from(request.combination) {
-                Ok(pb::AdapterCombination::Unspecified | pb::AdapterCombination::Linear) => {
-                    Combination::Linear
-                }
-                Ok(pb::AdapterCombination::Cat) => Combination::Cat,
-                Err(_) => {
-                    return Err(ModelError::invalid(
-                        "combination",
-                        format!("unknown value {}", request.combination),
-                    )
-                    .into())
-                }
-            };
-            let name = &request.output_name;
-            let staging = self
-                .registry
-                .dir_of(&format!(".merge-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&staging);
-            let merged = engine
-                .merge_adapters(inputs, combination, staging.clone(), base_model)
-                .await;
-            let installed =
-                merged.and_then(|()| self.registry.install(name, &staging, "merged", "", ""));
-            let _ = std::fs::remove_dir_all(&staging);
-            let stored = installed?;
-            if request.load {
-                engine.load_adapter(&stored.name, stored.dir).await?;
-            }
-            tracing::info!(adapter = %name, "adapters merged");
-            Ok(Response::new(self.adapter_info(name)?))
-        }
-        .await;
+        let result = adapters_rpc::merge_adapters(self, request).await;
         self.count_request("MergeAdapters", &result);
         result
     }
