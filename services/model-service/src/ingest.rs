@@ -12,6 +12,7 @@ use tonic::{Status, Streaming};
 use crate::datasets::{Appender, Dataset, DatasetStore, Rejection};
 use crate::engine::ModelDescription;
 use crate::error::ModelError;
+use crate::options::check_n_mels;
 use crate::registry::validate_name;
 
 /// Tokenises transcripts to refuse those that do not fit the decoder with the prompt.
@@ -218,17 +219,7 @@ pub fn check_config(
     model: &ModelDescription,
 ) -> Result<(usize, String), ModelError> {
     validate_name(&config.dataset, "config.dataset")?;
-    let n_mels = if config.n_mels == 0 {
-        80
-    } else {
-        config.n_mels as usize
-    };
-    if n_mels != model.n_mels {
-        return Err(ModelError::invalid(
-            "config.n_mels",
-            format!("{n_mels}: this model takes {} mel bins", model.n_mels),
-        ));
-    }
+    let n_mels = check_n_mels(config.n_mels, model.n_mels)?;
     let split = if config.split.is_empty() {
         "train".to_string()
     } else {

@@ -33,6 +33,22 @@ pub struct ModelFacts<'a> {
     pub vocab_size: u32,
 }
 
+/// A stream's `config.n_mels` (0 = 80) checked against the model's mel bins.
+pub fn check_n_mels(requested: u32, model_n_mels: usize) -> Result<usize, ModelError> {
+    let n_mels = if requested == 0 {
+        80
+    } else {
+        requested as usize
+    };
+    if n_mels != model_n_mels {
+        return Err(ModelError::invalid(
+            "config.n_mels",
+            format!("{n_mels}: this model takes {model_n_mels} mel bins"),
+        ));
+    }
+    Ok(n_mels)
+}
+
 const OPTIONS: &str = "config.options";
 
 fn field(name: &str) -> String {

@@ -10,7 +10,7 @@ use crate::engine::Engine;
 use crate::error::ModelError;
 use crate::registry::validate_name;
 
-/// ListAdapters.
+/// ListAdapters: one page in name order, with each adapter's `loaded` flag.
 pub(super) async fn list_adapters(
     server: &ModelServer,
     request: Request<pb::ListAdaptersRequest>,
@@ -55,7 +55,7 @@ pub(super) async fn get_adapter(
     ))
 }
 
-/// LoadAdapter.
+/// LoadAdapter: from the registry, or imported from `source_dir` first.
 pub(super) async fn load_adapter(
     server: &ModelServer,
     request: Request<pb::LoadAdapterRequest>,
@@ -78,7 +78,7 @@ pub(super) async fn load_adapter(
     Ok(Response::new(server.adapter_info(&request.name)?))
 }
 
-/// UnloadAdapter.
+/// UnloadAdapter: frees its memory; the registry keeps it.
 pub(super) async fn unload_adapter(
     server: &ModelServer,
     request: Request<pb::UnloadAdapterRequest>,
@@ -91,7 +91,7 @@ pub(super) async fn unload_adapter(
     Ok(Response::new(server.adapter_info(&name)?))
 }
 
-/// DeleteAdapter.
+/// DeleteAdapter, refused while a Transcribe stream uses it.
 pub(super) async fn delete_adapter(
     server: &ModelServer,
     request: Request<pb::DeleteAdapterRequest>,
@@ -117,7 +117,7 @@ pub(super) async fn delete_adapter(
     Ok(Response::new(pb::DeleteAdapterResponse {}))
 }
 
-/// MergeAdapters.
+/// MergeAdapters: the weighted combination written to a staging directory, then installed.
 pub(super) async fn merge_adapters(
     server: &ModelServer,
     request: Request<pb::MergeAdaptersRequest>,

@@ -10,7 +10,7 @@ use crate::error::ModelError;
 use crate::ingest::{self, IngestContext};
 use crate::registry::validate_name;
 
-/// IngestExamples.
+/// IngestExamples: the config message checked, then each example stored and acknowledged.
 pub(super) async fn ingest_examples(
     server: &ModelServer,
     request: Request<Streaming<pb::IngestExamplesRequest>>,
@@ -35,7 +35,7 @@ pub(super) async fn ingest_examples(
     Ok(Response::new(stream))
 }
 
-/// ListDatasets.
+/// ListDatasets: one page in name order.
 pub(super) async fn list_datasets(
     server: &ModelServer,
     request: Request<pb::ListDatasetsRequest>,
@@ -66,7 +66,7 @@ pub(super) async fn list_datasets(
     }))
 }
 
-/// GetDataset.
+/// GetDataset: the stored dataset's description.
 pub(super) async fn get_dataset(
     server: &ModelServer,
     request: Request<pb::GetDatasetRequest>,
@@ -79,7 +79,7 @@ pub(super) async fn get_dataset(
     Ok(Response::new(dataset.to_proto()))
 }
 
-/// DeleteDataset.
+/// DeleteDataset, refused while the dataset is being ingested or a job uses it.
 pub(super) async fn delete_dataset(
     server: &ModelServer,
     request: Request<pb::DeleteDatasetRequest>,

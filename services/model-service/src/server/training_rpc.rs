@@ -8,7 +8,7 @@ use super::{page_size, ModelServer, ResponseStream, RpcResult};
 use crate::error::ModelError;
 use crate::training::{check_inputs, JobSpec};
 
-/// StartTraining.
+/// StartTraining: the request checked against the model, datasets and registry, then queued.
 pub(super) async fn start_training(
     server: &ModelServer,
     request: Request<pb::StartTrainingRequest>,
@@ -38,7 +38,7 @@ pub(super) async fn start_training(
     Ok(Response::new(job))
 }
 
-/// WatchTraining.
+/// WatchTraining: the job's events from `from_event_index`, until the deadline.
 pub(super) async fn watch_training(
     server: &ModelServer,
     request: Request<pb::WatchTrainingRequest>,
@@ -53,7 +53,7 @@ pub(super) async fn watch_training(
     Ok(Response::new(stream))
 }
 
-/// ListTrainingJobs.
+/// ListTrainingJobs: one page, optionally filtered by state.
 pub(super) async fn list_training_jobs(
     server: &ModelServer,
     request: Request<pb::ListTrainingJobsRequest>,

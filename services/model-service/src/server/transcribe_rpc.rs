@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use super::{ModelServer, ResponseStream, EVENTS_BUFFERED};
 use crate::error::ModelError;
-use crate::options::{ModelFacts, StreamOptions};
+use crate::options::{check_n_mels, ModelFacts, StreamOptions};
 use crate::transcribe::{self, AdapterUse, StreamContext};
 
 /// Opens a Transcribe stream: reads the config message, validates it, and starts decoding.
@@ -40,17 +40,7 @@ pub(super) async fn start(
         Some(_) => return Err(ModelError::ConfigNotFirst),
         None => return Err(ModelError::MissingConfig),
     };
-    let n_mels = if config.n_mels == 0 {
-        80
-    } else {
-        config.n_mels as usize
-    };
-    if n_mels != model.n_mels {
-        return Err(ModelError::invalid(
-            "config.n_mels",
-            format!("{n_mels}: this model takes {} mel bins", model.n_mels),
-        ));
-    }
+    check_n_mels(config.n_mels, model.n_mels)?;
     let options = StreamOptions::from_proto(
         config.options,
         &ModelFacts {
