@@ -477,9 +477,7 @@ pub fn run(lora: &LoraArgs, args: &RecipeArgs) -> anyhow::Result<()> {
     bar.set_position(trainer.state.global_step as u64);
     let logging_steps = args.logging_steps.max(1);
     let on_step = |log: &StepLog| {
-        if log.step % asr_runtime::allocator::TRAINING_TRIM_INTERVAL == 0 {
-            asr_runtime::allocator::release_free_memory();
-        }
+        asr_runtime::allocator::after_training_step(log.step);
         bar.set_position(log.step as u64);
         bar.set_message(format!("loss {:.4} lr {:.2e}", log.loss, log.lr));
         if log.step % logging_steps == 0 || log.step == total_steps {

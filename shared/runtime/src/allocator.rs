@@ -49,6 +49,14 @@ pub fn keep_large_blocks() -> bool {
 /// 8th; without trimming 4.8 GB after 12 and 10.6 GB after the epoch.
 pub const TRAINING_TRIM_INTERVAL: i64 = 4;
 
+/// Training's hook after optimiser step `step`: [`release_free_memory`] every
+/// [`TRAINING_TRIM_INTERVAL`] steps.
+pub fn after_training_step(step: i64) {
+    if step % TRAINING_TRIM_INTERVAL == 0 {
+        release_free_memory();
+    }
+}
+
 /// Hands the heaps' free pages back to the kernel (glibc's `malloc_trim`). Training calls it
 /// every [`TRAINING_TRIM_INTERVAL`] optimiser steps: with [`keep_large_blocks`] a step's
 /// activations come from the heap, and the free space between them, its pattern a little

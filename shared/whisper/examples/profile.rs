@@ -1,4 +1,5 @@
 //! Where decoding time goes: `cargo run --release -p asr-whisper --example profile -- MODEL_DIR [int8|fp32]`.
+//! `ASR_THREADS=N` sets the intra-op threads (default 2).
 use std::time::Instant;
 
 use asr_whisper::{LoadOptions, LoadedModel, Precision};

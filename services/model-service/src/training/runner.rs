@@ -304,9 +304,7 @@ impl Runner {
         let metrics = &self.metrics;
         let last_step = std::cell::Cell::new(Instant::now());
         let on_step = |log: &StepLog| {
-            if log.step % asr_runtime::allocator::TRAINING_TRIM_INTERVAL == 0 {
-                asr_runtime::allocator::release_free_memory();
-            }
+            asr_runtime::allocator::after_training_step(log.step);
             metrics.observe(
                 "asr_model_training_step_seconds",
                 "Wall time of one optimiser step (with its gradient accumulation).",
